@@ -1,0 +1,56 @@
+"""Why a session ended. Every close carries exactly one reason."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["CloseReason"]
+
+
+class CloseReason(enum.Enum):
+    """The one reason a session or connection ended.
+
+    ``dead`` reasons mean the peer is believed gone: the server closes abortively (RST) rather
+    than waiting on a FIN that no one will ever acknowledge.
+    """
+
+    #: No complete frame arrived within the session's timeout.
+    IDLE_TIMEOUT = "idle_timeout"
+    #: Server pings went unanswered for too long.
+    HEARTBEAT_TIMEOUT = "heartbeat_timeout"
+    #: The kernel gave up on the socket (ETIMEDOUT from TCP keepalive or TCP_USER_TIMEOUT).
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"
+    #: The peer closed its side (EOF).
+    PEER_CLOSED = "peer_closed"
+    #: The peer reset the connection (ECONNRESET, EPIPE).
+    PEER_RESET = "peer_reset"
+    #: A newer authenticated connection for the same identity replaced this one.
+    TAKEN_OVER = "taken_over"
+    #: The peer did not complete its hello in time.
+    HELLO_TIMEOUT = "hello_timeout"
+    #: The peer's hello was rejected.
+    AUTH_FAILED = "auth_failed"
+    #: The peer broke the wire protocol.
+    PROTOCOL_ERROR = "protocol_error"
+    #: The peer pinged faster than allowed, repeatedly.
+    TOO_MANY_PINGS = "too_many_pings"
+    #: Admission control refused the connection.
+    OVERLOADED = "overloaded"
+    #: The identity reconnected too often and is banned for a while.
+    FLAPPING = "flapping"
+    #: The connection reached its maximum age.
+    MAX_AGE = "max_age"
+    #: The server is shutting down.
+    SHUTDOWN = "shutdown"
+    #: The application closed the session for its own reasons.
+    APPLICATION = "application"
+
+    @property
+    def dead(self) -> bool:
+        """True when the peer is believed gone, so the close should be abortive (RST)."""
+        return self in _DEAD
+
+
+_DEAD = frozenset(
+    {CloseReason.IDLE_TIMEOUT, CloseReason.HEARTBEAT_TIMEOUT, CloseReason.KEEPALIVE_TIMEOUT}
+)

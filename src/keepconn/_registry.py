@@ -1,0 +1,347 @@
+"""The session registry: every peer's last-seen time, and reaping of the dead on time.
+
+Sans-I/O: nothing here reads a clock or touches a socket. Every call that needs the time takes
+``now`` (monotonic seconds, from whatever clock the adapter uses) and :meth:`next_deadline` says
+when the adapter should call :meth:`SessionRegistry.reap` again.
+
+How it stays cheap at a million sessions
+-----------------------------------------
+A touch is the hot path (every inbound frame), so it only stores ``now`` in one slot: it does not
+push onto a heap, cancel a timer or reorder a list. Deadlines are instead re-filed lazily:
+
+* Each open session sits in exactly one *slot* of a timing wheel: a dict from slot number
+  ``floor(deadline / resolution)`` to a plain list. The deadline used for filing may be stale (the
+  peer has been touched since), but it is never later than the real one, because touches only
+  move deadlines forward.
+* When a slot comes up, each entry is checked against its real deadline: expired ones are
+  reaped, touched ones are filed again under their new deadline. A session touched constantly is
+  therefore re-filed once per timeout, not once per touch.
+* The slot numbers in use are kept in a small heap, so finding the next slot is O(1) and a sweep
+  with nothing due is O(1) whatever the number of sessions.
+* Sessions may pick their own timeouts (MQTT clients each choose a keepalive): the slot is keyed
+  by the deadline, so any mix of timeouts costs the same.
+* If reap is called while ``now`` lies *inside* a slot (not just at its end), that one slot is
+  turned into an exact heap of (deadline, session), so a session is reaped by the first call at or
+  after its deadline, never before. This keeps the promise "never later than deadline +
+  resolution" for callers that reap every ``resolution`` at arbitrary phases, while the adapter,
+  which sleeps until :meth:`next_deadline` (a slot's end), never pays for a heap.
+* Closed sessions are left in their slot and skipped when it comes up (lazy deletion).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import math
+from collections.abc import Hashable, Iterator, Mapping
+from typing import Any
+
+import attrs
+
+from ._errors import ConfigError
+from ._reasons import CloseReason
+from ._validate import check_number
+
+__all__ = ["RegistryStats", "Session", "SessionRegistry"]
+
+_REASONS = tuple(CloseReason)
+_REASON_INDEX = {reason: i for i, reason in enumerate(_REASONS)}
+_IDLE_INDEX = _REASON_INDEX[CloseReason.IDLE_TIMEOUT]
+_TAKEN_OVER_INDEX = _REASON_INDEX[CloseReason.TAKEN_OVER]
+
+
+@attrs.define(eq=False, slots=True, weakref_slot=False, repr=False)
+class Session:
+    """One live peer identity, bound to at most one connection.
+
+    Created by :meth:`SessionRegistry.open`; sessions compare by identity. ``conn`` is an opaque
+    slot for the caller's transport (the adapter keeps its connection object there).
+    """
+
+    key: Hashable
+    conn: Any
+    _last: float
+    _timeout: float
+    #: None while the session is open; the one :class:`CloseReason` once it has ended.
+    reason: CloseReason | None = None
+
+    def touch(self, now: float) -> None:
+        """Record that the peer showed life at ``now``.
+
+        O(1) and allocation-free: the registry re-files the deadline lazily. Touching a closed
+        session is a harmless no-op (nothing reads the value again).
+        """
+        self._last = now
+
+    @property
+    def last_seen(self) -> float:
+        """The time of the last touch (or of the open)."""
+        return self._last
+
+    @property
+    def timeout(self) -> float:
+        """This session's idle timeout in seconds."""
+        return self._timeout
+
+    @property
+    def deadline(self) -> float:
+        """Last activity + timeout: the session is reaped at or after this time, never before."""
+        return self._last + self._timeout
+
+    @property
+    def open(self) -> bool:
+        """True until the session has been closed, reaped or taken over."""
+        return self.reason is None
+
+    def __repr__(self) -> str:
+        state = "open" if self.reason is None else self.reason.name
+        return f"<Session {self.key!r} {state} deadline={self.deadline:.3f}>"
+
+
+@attrs.frozen
+class RegistryStats:
+    """A snapshot of a registry's counters. ``opened == live + sum(closed.values())`` always."""
+
+    #: Sessions open now.
+    live: int
+    #: Sessions ever opened.
+    opened: int
+    #: Sessions ended, by reason (every reason present, zero when unused).
+    closed: Mapping[CloseReason, int]
+
+    @property
+    def total_closed(self) -> int:
+        """Sessions ended for any reason."""
+        return sum(self.closed.values())
+
+
+class SessionRegistry:
+    """Tracks every peer's last-seen time and reaps expired sessions on time.
+
+    :param timeout: default idle timeout in seconds, for sessions opened without their own.
+    :param resolution: reaping granularity in seconds: a session is reaped no earlier than its
+        deadline and no later than deadline + resolution, provided :meth:`reap` is called at
+        least every ``resolution`` (or at :meth:`next_deadline`). Defaults to
+        ``min(1.0, timeout / 10)``.
+
+    Exactly one session per key is live at a time. Times are monotonic seconds supplied by the
+    caller; they must not go backwards.
+    """
+
+    __slots__ = (
+        "_timeout",
+        "_resolution",
+        "_live",
+        "_wheel",
+        "_slots",
+        "_due",
+        "_due_slot",
+        "_seq",
+        "_opened",
+        "_closed",
+    )
+
+    def __init__(self, *, timeout: float, resolution: float | None = None) -> None:
+        check_number("timeout", timeout)
+        if resolution is None:
+            resolution = min(1.0, timeout / 10)
+        check_number("resolution", resolution, maximum=timeout)
+        self._timeout = float(timeout)
+        self._resolution = float(resolution)
+        self._live: dict[Hashable, Session] = {}
+        # slot number -> sessions filed there; _slots is a heap of the slot numbers in _wheel.
+        self._wheel: dict[int, list[Session]] = {}
+        self._slots: list[int] = []
+        # The slot that reap() found `now` inside, as an exact heap; see the module docstring.
+        self._due: list[tuple[float, int, Session]] = []
+        self._due_slot: int | None = None
+        self._seq = itertools.count()
+        self._opened = 0
+        self._closed = [0] * len(_REASONS)
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def timeout(self) -> float:
+        """The default idle timeout in seconds."""
+        return self._timeout
+
+    @property
+    def resolution(self) -> float:
+        """The reaping granularity in seconds."""
+        return self._resolution
+
+    # -- sessions ------------------------------------------------------------------------------
+
+    def open(
+        self, key: Hashable, *, now: float, timeout: float | None = None, conn: Any = None
+    ) -> Session:
+        """Register a live session for ``key`` and return it.
+
+        If ``key`` already has a live session, that one ends with ``CloseReason.TAKEN_OVER``
+        (fetch it with :meth:`get` first to close its transport). ``timeout`` overrides the
+        registry's default for this session.
+        """
+        if timeout is None:
+            timeout = self._timeout
+        else:
+            check_number("timeout", timeout)
+        if not math.isfinite(now):
+            raise ConfigError(f"now must be a finite time, got {now!r}")
+        old = self._live.get(key)
+        if old is not None:
+            old.reason = CloseReason.TAKEN_OVER
+            self._closed[_TAKEN_OVER_INDEX] += 1
+        session = Session(key, conn, now, timeout)
+        self._live[key] = session
+        self._opened += 1
+        self._file(session, now + timeout)
+        return session
+
+    def close(self, session: Session, reason: CloseReason) -> bool:
+        """End ``session`` with ``reason``. Idempotent: returns False if it had already ended."""
+        if not isinstance(reason, CloseReason):
+            raise TypeError(f"reason must be a CloseReason, got {reason!r}")
+        if session.reason is not None:
+            return False
+        if self._live.get(session.key) is not session:
+            raise ValueError(f"{session!r} does not belong to this registry")
+        del self._live[session.key]
+        session.reason = reason
+        self._closed[_REASON_INDEX[reason]] += 1
+        # The wheel still holds it; it is skipped when its slot comes up.
+        return True
+
+    def get(self, key: Hashable) -> Session | None:
+        """The live session for ``key``, or None."""
+        return self._live.get(key)
+
+    def __len__(self) -> int:
+        return len(self._live)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._live
+
+    def __iter__(self) -> Iterator[Session]:
+        """Iterate over a snapshot of the live sessions (closing them meanwhile is safe)."""
+        return iter(tuple(self._live.values()))
+
+    # -- reaping -------------------------------------------------------------------------------
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`reap` should next be called, or None when no session is open.
+
+        Calling it later than this delays reaping; calling it earlier is harmless. A returned
+        time at or before ``now`` means work is due (for example after a reap with ``limit``).
+        """
+        if self._due:
+            return self._due[0][0]
+        if self._slots:
+            return (self._slots[0] + 1) * self._resolution
+        return None
+
+    def reap(self, now: float, limit: int | None = None) -> list[Session]:
+        """Remove and return the sessions whose deadline has passed, closed with IDLE_TIMEOUT.
+
+        With ``limit``, at most that many are returned (and at most twice that many wheel
+        entries examined), so one call stays short however many sessions expire together; the
+        rest stay due for the next call.
+        """
+        if limit is None:
+            budget = math.inf
+            cap = math.inf
+        else:
+            if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+                raise ConfigError(f"limit must be a whole number >= 1, got {limit!r}")
+            budget = limit
+            cap = 2 * limit
+        reaped: list[Session] = []
+        examined = 0
+        res = self._resolution
+        wheel = self._wheel
+        slots = self._slots
+        while len(reaped) < budget and examined < cap:
+            due = self._due
+            if self._due_slot is not None:
+                if not due:
+                    self._due_slot = None
+                    continue
+                if due[0][0] > now:
+                    if (self._due_slot + 1) * res > now:
+                        break
+                    # Only float rounding gets here: the slot has passed but an entry filed
+                    # into it is not due. Hand the rest back to the wheel and go on.
+                    slot, self._due_slot, self._due = self._due_slot, None, []
+                    for _, _, session in due:
+                        self._file(session, session._last + session._timeout, after=slot)
+                    continue
+                session = heapq.heappop(due)[2]
+                examined += 1
+                if session.reason is None:
+                    deadline = session._last + session._timeout
+                    if deadline <= now:
+                        self._expire(session, reaped)
+                    else:
+                        self._file(session, deadline)
+                continue
+            if not slots:
+                break
+            slot = slots[0]
+            if slot * res > now:
+                break
+            heapq.heappop(slots)
+            bucket = wheel.pop(slot)
+            if (slot + 1) * res > now:
+                # `now` is inside this slot: only part of it may be due, so order it exactly.
+                seq = self._seq
+                self._due = [(s._last + s._timeout, next(seq), s) for s in bucket if s.reason is None]
+                heapq.heapify(self._due)
+                self._due_slot = slot
+                continue
+            # The whole slot has passed: each entry is either expired or was touched since.
+            while bucket:
+                if len(reaped) >= budget or examined >= cap:
+                    wheel[slot] = bucket
+                    heapq.heappush(slots, slot)
+                    return reaped
+                session = bucket.pop()
+                examined += 1
+                if session.reason is not None:
+                    continue
+                deadline = session._last + session._timeout
+                if deadline <= now:
+                    self._expire(session, reaped)
+                else:
+                    self._file(session, deadline, after=slot)
+        return reaped
+
+    def _expire(self, session: Session, reaped: list[Session]) -> None:
+        del self._live[session.key]
+        session.reason = CloseReason.IDLE_TIMEOUT
+        self._closed[_IDLE_INDEX] += 1
+        reaped.append(session)
+
+    def _file(self, session: Session, deadline: float, after: int | None = None) -> None:
+        slot = int(deadline // self._resolution)
+        if after is not None and slot <= after:
+            # Float rounding can land a deadline just past a slot's end back inside it.
+            slot = after + 1
+        if self._due_slot is not None and slot <= self._due_slot:
+            heapq.heappush(self._due, (deadline, next(self._seq), session))
+            return
+        bucket = self._wheel.get(slot)
+        if bucket is None:
+            self._wheel[slot] = [session]
+            heapq.heappush(self._slots, slot)
+        else:
+            bucket.append(session)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def stats(self) -> RegistryStats:
+        """A frozen snapshot of the counters."""
+        return RegistryStats(
+            live=len(self._live),
+            opened=self._opened,
+            closed=dict(zip(_REASONS, self._closed)),
+        )

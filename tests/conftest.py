@@ -1,0 +1,18 @@
+"""Shared pytest configuration: every async test runs on asyncio, uvloop and trio."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["anyio"]
+
+
+@pytest.fixture(
+    params=[
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+        pytest.param(("trio", {}), id="trio"),
+    ]
+)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    return request.param  # type: ignore[no-any-return]
