@@ -234,11 +234,10 @@ class SessionRegistry:
         Calling it later than this delays reaping; calling it earlier is harmless. A returned
         time at or before ``now`` means work is due (for example after a reap with ``limit``).
         """
-        if self._due:
+        wake = (self._slots[0] + 1) * self._resolution if self._slots else None
+        if self._due and (wake is None or self._due[0][0] < wake):
             return self._due[0][0]
-        if self._slots:
-            return (self._slots[0] + 1) * self._resolution
-        return None
+        return wake
 
     def reap(self, now: float, limit: int | None = None) -> list[Session]:
         """Remove and return the sessions whose deadline has passed, closed with IDLE_TIMEOUT.
@@ -293,10 +292,11 @@ class SessionRegistry:
             bucket = wheel.pop(slot)
             if (slot + 1) * res > now:
                 # `now` is inside this slot: only part of it may be due, so order it exactly.
-                seq = self._seq
-                self._due = [(s._last + s._timeout, next(seq), s) for s in bucket if s.reason is None]
-                heapq.heapify(self._due)
+                # Entries touched since filing move on to their later slot instead.
                 self._due_slot = slot
+                for session in bucket:
+                    if session.reason is None:
+                        self._file(session, session._last + session._timeout)
                 continue
             # The whole slot has passed: each entry is either expired or was touched since.
             while bucket:
