@@ -123,5 +123,8 @@ class RegistryMachine(RuleBasedStateMachine):
             assert stats.closed[reason] == self.closed[reason], reason
 
 
-RegistryMachine.TestCase.settings = settings(max_examples=int(os.environ.get("KEEPCONN_HYPOTHESIS_EXAMPLES", "300")), stateful_step_count=60, deadline=None)
+EXAMPLES = int(os.environ.get("KEEPCONN_HYPOTHESIS_EXAMPLES", "300"))
+RegistryMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES, stateful_step_count=60, deadline=None
+)
 TestRegistryMachine = RegistryMachine.TestCase

@@ -343,5 +343,5 @@ class SessionRegistry:
         return RegistryStats(
             live=len(self._live),
             opened=self._opened,
-            closed=dict(zip(_REASONS, self._closed)),
+            closed=dict(zip(_REASONS, self._closed, strict=True)),
         )
