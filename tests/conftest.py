@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest_plugins = ["anyio"]
+pytest_plugins = ["anyio", "keepconn.testing.pytest_plugin"]
 
 
 @pytest.fixture(

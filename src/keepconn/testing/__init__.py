@@ -1,0 +1,16 @@
+"""keepconn.testing: helpers for testing servers against real kernel faults.
+
+:class:`NetNs` builds a network namespace joined to the root namespace by a veth pair, opens
+device-side sockets inside it and injects faults (cable pull, blackhole, restore). The pytest
+fixtures ``netns`` and ``netns_factory`` live in :mod:`keepconn.testing.pytest_plugin`; enable
+them with ``pytest_plugins = ["keepconn.testing.pytest_plugin"]``.
+"""
+
+from __future__ import annotations
+
+from ._netns import NetNs as NetNs
+from ._netns import NetnsError as NetnsError
+from ._netns import cleanup_stale as cleanup_stale
+from ._netns import netns_unavailable_reason as netns_unavailable_reason
+
+__all__ = ["NetNs", "NetnsError", "cleanup_stale", "netns_unavailable_reason"]
