@@ -1,0 +1,7 @@
+"""``python -m keepconn``: the same as the ``keepconn`` command."""
+
+from __future__ import annotations
+
+from ._cli import main
+
+raise SystemExit(main())
