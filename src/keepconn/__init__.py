@@ -14,6 +14,7 @@ from ._backoff import Backoff as Backoff
 from ._backoff import BackoffState as BackoffState
 from ._backoff import jitter as jitter
 from ._errors import ConfigError as ConfigError
+from ._errors import HelloRejected as HelloRejected
 from ._errors import KeepconnError as KeepconnError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import SessionClosed as SessionClosed
@@ -24,14 +25,34 @@ from ._flapping import FlappingDetector as FlappingDetector
 from ._flapping import FlappingStats as FlappingStats
 from ._flapping import Verdict as Verdict
 from ._flapping import VerdictKind as VerdictKind
+from ._framing import Framer as Framer
+from ._framing import LengthPrefixedFramer as LengthPrefixedFramer
+from ._framing import LineFramer as LineFramer
+from ._heartbeat import ActiveHeartbeat as ActiveHeartbeat
+from ._heartbeat import PassiveHeartbeat as PassiveHeartbeat
+from ._heartbeat import PingAction as PingAction
+from ._heartbeat import Pinger as Pinger
+from ._heartbeat import PingPolicer as PingPolicer
+from ._heartbeat import PingRateLimit as PingRateLimit
 from ._reasons import CloseReason as CloseReason
 from ._registry import RegistryStats as RegistryStats
 from ._registry import Session as Session
 from ._registry import SessionRegistry as SessionRegistry
+from ._server import Connection as Connection
+from ._server import ConnectionClosed as ConnectionClosed
+from ._server import ConnectionOpened as ConnectionOpened
+from ._server import Hello as Hello
+from ._server import RoundTrip as RoundTrip
+from ._server import Server as Server
+from ._server import ServerConfig as ServerConfig
+from ._server import ServerEvent as ServerEvent
+from ._server import ServerStats as ServerStats
+from ._server import SessionTakenOver as SessionTakenOver
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActiveHeartbeat",
     "AddressFlappingConfig",
     "AddressFlappingDetector",
     "Admission",
@@ -42,15 +63,34 @@ __all__ = [
     "BackoffState",
     "CloseReason",
     "ConfigError",
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionOpened",
     "FlappingConfig",
     "FlappingDetector",
     "FlappingStats",
+    "Framer",
+    "Hello",
+    "HelloRejected",
     "KeepconnError",
+    "LengthPrefixedFramer",
+    "LineFramer",
+    "PassiveHeartbeat",
+    "PingAction",
+    "PingPolicer",
+    "PingRateLimit",
+    "Pinger",
     "ProtocolError",
     "RegistryStats",
+    "RoundTrip",
+    "Server",
+    "ServerConfig",
+    "ServerEvent",
+    "ServerStats",
     "Session",
     "SessionClosed",
     "SessionRegistry",
+    "SessionTakenOver",
     "TokenBucket",
     "Verdict",
     "VerdictKind",

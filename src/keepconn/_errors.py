@@ -1,14 +1,15 @@
 """The exception tree. Every error keepconn raises derives from :class:`KeepconnError`::
 
-    KeepconnError
-    ├── ConfigError (also a ValueError)   a configuration value is out of range; raised when built
-    ├── SessionClosed                     an operation needs a live session and this one has ended
-    └── ProtocolError                     a peer sent bytes that break the application's framing
+KeepconnError
+├── ConfigError (also a ValueError)   a configuration value is out of range; raised when built
+├── SessionClosed                     an operation needs a live session and this one has ended
+├── ProtocolError                     a peer sent bytes that break the application's framing
+└── HelloRejected                     the application refused a peer's hello (AUTH_FAILED)
 """
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "KeepconnError", "ProtocolError", "SessionClosed"]
+__all__ = ["ConfigError", "HelloRejected", "KeepconnError", "ProtocolError", "SessionClosed"]
 
 
 class KeepconnError(Exception):
@@ -28,3 +29,11 @@ class SessionClosed(KeepconnError):
 
 class ProtocolError(KeepconnError):
     """The peer broke the wire protocol; the connection is closed with PROTOCOL_ERROR."""
+
+
+class HelloRejected(KeepconnError):
+    """Raised by an application's identify callback to refuse a peer's hello.
+
+    The connection is closed with AUTH_FAILED; a live session of the same identity is never
+    disturbed. Send any protocol-level refusal (an MQTT CONNACK code, say) before raising.
+    """

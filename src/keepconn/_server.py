@@ -1,0 +1,818 @@
+"""The anyio server runtime: accept, hello, heartbeats, reaping, takeover, and a clean close.
+
+This adapter owns the sockets, tasks and the clock; every decision about time lives in the
+sans-I/O core (:class:`SessionRegistry`, :class:`Pinger`, :class:`PingPolicer`). One code path
+serves asyncio, uvloop and trio through anyio.
+
+A connection's life::
+
+    accept ── admission ── hello (identify, within hello_timeout) ── session open / takeover
+          └─ refused: OVERLOADED   └─ HELLO_TIMEOUT, AUTH_FAILED    └─ handler runs; every
+                                                                     complete frame touches
+    ... ── close with exactly one CloseReason ── socket closed: RST for a dead or displaced peer,
+                                                 FIN otherwise; registry, stats, event, log line
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import random
+import socket
+import struct
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+import anyio.abc
+import anyio.lowlevel
+import attrs
+from anyio.abc import SocketAttribute
+
+from ._admission import AdmissionConfig, AdmissionController
+from ._backoff import jitter
+from ._errors import ConfigError, HelloRejected, ProtocolError, SessionClosed
+from ._flapping import FlappingConfig, FlappingDetector
+from ._framing import Framer
+from ._heartbeat import ActiveHeartbeat, PingAction, Pinger, PingPolicer, PingRateLimit
+from ._reasons import CloseReason
+from ._registry import RegistryStats, Session, SessionRegistry
+from ._validate import number
+
+__all__ = [
+    "Connection",
+    "ConnectionClosed",
+    "ConnectionOpened",
+    "Hello",
+    "RoundTrip",
+    "Server",
+    "ServerConfig",
+    "ServerEvent",
+    "ServerStats",
+    "SessionTakenOver",
+]
+
+logger = logging.getLogger("keepconn.server")
+
+F = TypeVar("F")
+
+#: accept() errors that mean "the process or system is short of a resource right now": the
+#: listening socket stays readable, so without a pause the loop would spin (trio's
+#: serve_listeners does the same; anyio's Listener.serve does not).
+_ACCEPT_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_ACCEPT_PAUSE = 0.1
+
+#: Reasons after which the peer is gone or displaced: close with RST (SO_LINGER 0) so the socket
+#: does not sit in FIN_WAIT1 retransmitting a FIN nobody will acknowledge.
+_ABORTIVE = frozenset(
+    {
+        CloseReason.IDLE_TIMEOUT,
+        CloseReason.HEARTBEAT_TIMEOUT,
+        CloseReason.KEEPALIVE_TIMEOUT,
+        CloseReason.PEER_RESET,
+        CloseReason.TAKEN_OVER,
+        CloseReason.HELLO_TIMEOUT,
+    }
+)
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+@attrs.frozen
+class Hello:
+    """What an identify callback returns for an authenticated peer.
+
+    ``timeout`` overrides the server's idle timeout for this session (an MQTT gateway passes
+    1.5 x the client's keepalive).
+    """
+
+    identity: Hashable
+    timeout: float | None = attrs.field(default=None, validator=number(optional=True))
+
+
+@attrs.frozen
+class ServerConfig:
+    """Validated server settings; a bad value fails here, naming the field."""
+
+    #: Seconds a session may stay silent (no complete frame) before it is reaped.
+    idle_timeout: float = attrs.field(default=60.0, validator=number())
+    #: Reaping granularity; defaults to the registry's (min(1 s, idle_timeout / 10)).
+    resolution: float | None = attrs.field(default=None, validator=number(optional=True))
+    #: Seconds a new connection has to complete its hello.
+    hello_timeout: float = attrs.field(default=10.0, validator=number())
+    #: Server pings (None: rely on the peer's own traffic and the idle timeout).
+    heartbeat: ActiveHeartbeat | None = None
+    #: Enforced limit on the peer's pings (None: not enforced).
+    ping_rate: PingRateLimit | None = None
+    #: A keepconn.tcp.TcpKeepalive applied to every accepted socket (None: leave the kernel's).
+    keepalive: Any = None
+    #: Most sessions one reap call may close, so the event loop never stalls on a mass expiry.
+    reap_batch: int = attrs.field(default=1000, validator=number(integer=True))
+    #: On shutdown: how long peers get to leave after being told, before they are aborted.
+    shutdown_grace: float = attrs.field(default=5.0, validator=number(min_inclusive=True))
+    #: The reconnect hint given to peers on shutdown, jittered by +/- shutdown_jitter.
+    shutdown_retry_after: float = attrs.field(default=5.0, validator=number(min_inclusive=True))
+    shutdown_jitter: float = attrs.field(
+        default=0.1, validator=number(min_inclusive=True, maximum=1.0)
+    )
+    #: Maximum connection age in seconds (closed with MAX_AGE, jittered by max_age_jitter).
+    max_age: float | None = attrs.field(default=None, validator=number(optional=True))
+    max_age_jitter: float = attrs.field(
+        default=0.1, validator=number(min_inclusive=True, maximum=1.0)
+    )
+    #: Admission control (None: admit everything). See AdmissionConfig for the defaults.
+    admission: AdmissionConfig | None = attrs.field(factory=AdmissionConfig)
+    #: Flapping detection (None: off).
+    flapping: FlappingConfig | None = attrs.field(factory=FlappingConfig)
+    #: Bytes asked of the socket per receive.
+    receive_size: int = attrs.field(default=65536, validator=number(integer=True))
+
+    def __attrs_post_init__(self) -> None:
+        if self.resolution is not None and self.resolution > self.idle_timeout:
+            raise ConfigError(
+                f"resolution ({self.resolution}) must not exceed idle_timeout ({self.idle_timeout})"
+            )
+
+
+# -- events -----------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class ConnectionOpened:
+    """A hello succeeded and a session is live."""
+
+    identity: Hashable
+    peer: Any
+    took_over: bool
+
+
+@attrs.frozen
+class ConnectionClosed:
+    """A connection ended. ``identity`` is None when it never completed its hello."""
+
+    identity: Hashable | None
+    peer: Any
+    reason: CloseReason
+    duration: float
+    detail: str = ""
+
+
+@attrs.frozen
+class SessionTakenOver:
+    """A newer authenticated connection replaced a live one for the same identity."""
+
+    identity: Hashable
+    old_peer: Any
+    new_peer: Any
+
+
+@attrs.frozen
+class RoundTrip:
+    """A server ping was answered after ``rtt`` seconds."""
+
+    identity: Hashable
+    rtt: float
+
+
+ServerEvent = ConnectionOpened | ConnectionClosed | SessionTakenOver | RoundTrip
+
+
+@attrs.frozen
+class ServerStats:
+    """A snapshot of a server's counters."""
+
+    #: Open sockets, including those still in their hello.
+    connections: int
+    #: Connections in their hello phase.
+    pending_hellos: int
+    #: Connections accepted since start (admitted or not).
+    accepted: int
+    #: accept() failures for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    accept_errors: int
+    #: Connection closes by reason (hello-phase closes included, unlike the registry's).
+    closed: dict[CloseReason, int]
+    #: Takeovers since start.
+    takeovers: int
+    #: The session registry's own snapshot.
+    registry: RegistryStats
+
+
+# -- connections ------------------------------------------------------------------------------
+
+
+class Connection(Generic[F]):
+    """One accepted connection, handed to the application's identify and handler callbacks.
+
+    Read frames with :meth:`receive` (or ``async for frame in conn``): each complete frame
+    touches the session, so an application using it cannot forget to. Close with
+    :meth:`close` (immediate) or :meth:`shutdown` (graceful).
+    """
+
+    def __init__(self, server: Server[F], stream: anyio.abc.SocketStream, framer: Framer[F]):
+        self._server = server
+        self._stream = stream
+        self._framer = framer
+        self._frames: deque[F] = deque()
+        self._scope = anyio.CancelScope()
+        self._reason: CloseReason | None = None
+        self._detail = ""
+        self._session: Session | None = None
+        self._pinger: Pinger | None = None
+        self._policer: PingPolicer | None = None
+        self._peer_closed = False
+        self.opened_at = anyio.current_time()
+        #: The peer's address as the socket reports it, e.g. ("127.0.0.1", 50312).
+        self.peer: Any = _extra(stream, SocketAttribute.remote_address)
+        #: Free for the application (protocol state, the device record, ...).
+        self.context: Any = None
+
+    # -- identity and state
+
+    @property
+    def session(self) -> Session | None:
+        """The registry session, once the hello has succeeded."""
+        return self._session
+
+    @property
+    def identity(self) -> Hashable | None:
+        """The identity from the hello, or None before it."""
+        return None if self._session is None else self._session.key
+
+    @property
+    def reason(self) -> CloseReason | None:
+        """Why this connection is closing or closed, or None while it is open."""
+        return self._reason
+
+    @property
+    def rtt(self) -> float | None:
+        """The last round-trip time of a server ping (active heartbeat only)."""
+        return None if self._pinger is None else self._pinger.rtt
+
+    @property
+    def stream(self) -> anyio.abc.SocketStream:
+        """The underlying anyio stream (for extras; read through :meth:`receive`)."""
+        return self._stream
+
+    def raw_socket(self) -> socket.socket:
+        """The connection's socket, for options and TCP_INFO."""
+        sock: socket.socket = self._stream.extra(SocketAttribute.raw_socket)
+        return sock
+
+    # -- I/O
+
+    async def receive(self) -> F:
+        """The next complete frame. Touches the session when a frame completes.
+
+        Raises anyio.EndOfStream when the peer has closed, ProtocolError when its bytes
+        cannot be framed, and SessionClosed once the connection is closing.
+        """
+        frames = self._frames
+        while not frames:
+            if self._reason is not None:
+                raise SessionClosed(f"connection is closing ({self._reason.name})")
+            try:
+                data = await self._stream.receive(self._server.config.receive_size)
+            except anyio.EndOfStream:
+                # Remembered so a handler that simply returns at EOF closes as PEER_CLOSED.
+                self._peer_closed = True
+                raise
+            frames.extend(self._framer.feed(data))
+            if frames and self._session is not None:
+                self._session.touch(anyio.current_time())
+        return frames.popleft()
+
+    def __aiter__(self) -> Connection[F]:
+        return self
+
+    async def __anext__(self) -> F:
+        try:
+            return await self.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes to the peer."""
+        await self._stream.send(data)
+
+    # -- heartbeats
+
+    def ping_received(self) -> None:
+        """Tell the server that the peer pinged: enforces the ping rate limit if configured."""
+        if self._policer is not None and not self._policer.ping(anyio.current_time()):
+            self.close(CloseReason.TOO_MANY_PINGS, f"{self._policer.strikes} early pings")
+
+    def pong_received(self) -> None:
+        """Tell the server that the peer answered a server ping (active heartbeat)."""
+        if self._pinger is None:
+            return
+        rtt = self._pinger.pong_received(anyio.current_time())
+        if rtt is not None and self._session is not None:
+            self._server._emit(RoundTrip(self._session.key, rtt))
+
+    # -- closing
+
+    def close(self, reason: CloseReason = CloseReason.APPLICATION, detail: str = "") -> None:
+        """Close now with ``reason`` (the first reason given wins). Safe from any task."""
+        if self._reason is None:
+            self._reason = reason
+            self._detail = detail
+        self._scope.cancel()
+
+    async def shutdown(
+        self, reason: CloseReason = CloseReason.APPLICATION, grace: float = 2.0
+    ) -> None:
+        """Close gracefully: send FIN, keep reading for up to ``grace`` seconds so nothing the
+        peer was still sending is lost (the handler keeps receiving), then close."""
+        if self._reason is None:
+            self._reason = reason
+        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
+        try:
+            await self._stream.send_eof()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self._scope.cancel()
+
+    def __repr__(self) -> str:
+        who = "hello" if self._session is None else repr(self._session.key)
+        return f"<Connection {who} peer={self.peer!r} reason={self._reason}>"
+
+
+def _extra(stream: anyio.abc.SocketStream, attribute: Any) -> Any:
+    try:
+        return stream.extra(attribute)
+    except (anyio.TypedAttributeLookupError, OSError):
+        return None
+
+
+def _host(peer: Any) -> Any:
+    """The host part of a socket address (the whole thing if it is not a tuple)."""
+    return peer[0] if isinstance(peer, tuple) and peer else peer
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno behind an exception or its cause (anyio wraps OSError in BrokenResourceError)."""
+    seen: BaseException | None = exc
+    for _ in range(4):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen.errno
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _reason_for(exc: BaseException) -> tuple[CloseReason, str]:
+    """Map what ended a connection to its close reason."""
+    if isinstance(exc, anyio.EndOfStream):
+        return CloseReason.PEER_CLOSED, ""
+    if isinstance(exc, ProtocolError):
+        return CloseReason.PROTOCOL_ERROR, str(exc)
+    if isinstance(exc, HelloRejected):
+        return CloseReason.AUTH_FAILED, str(exc)
+    code = _errno_of(exc)
+    if code == errno.ETIMEDOUT:
+        # The kernel gave up: keepalive probes or TCP_USER_TIMEOUT expired.
+        return CloseReason.KEEPALIVE_TIMEOUT, "ETIMEDOUT"
+    if code is not None or isinstance(exc, anyio.BrokenResourceError):
+        name = errno.errorcode.get(code, "broken") if code is not None else "broken"
+        return CloseReason.PEER_RESET, name
+    return CloseReason.APPLICATION, f"{type(exc).__name__}: {exc}"
+
+
+# -- the server -------------------------------------------------------------------------------
+
+
+class Server(Generic[F]):
+    """Serves connections with liveness tracking. Runs on asyncio, uvloop and trio.
+
+    :param identify: ``async (conn) -> Hello``: read the peer's first frame(s) with
+        ``conn.receive()``, authenticate, and return its identity; raise HelloRejected (after
+        sending any refusal) to close it with AUTH_FAILED.
+    :param handler: ``async (conn) -> None``: serve the session; read with ``conn.receive()``.
+        Returning closes the connection (APPLICATION, unless a reason was set).
+    :param framer: ``() -> Framer``: a new framer for each connection.
+    :param send_ping: ``async (conn) -> None``: send one application ping (active heartbeat).
+    :param goodbye: ``async (conn, retry_after) -> None``: tell a peer the server is going
+        away and when to come back (shutdown).
+    :param refuse: ``async (stream, retry_after) -> None``: say "come back later" to a
+        connection refused by admission control, before it is closed with OVERLOADED.
+    :param on_event: called with every ServerEvent (keep it quick; it runs inline).
+    """
+
+    def __init__(
+        self,
+        *,
+        identify: Callable[[Connection[F]], Awaitable[Hello]],
+        handler: Callable[[Connection[F]], Awaitable[None]],
+        framer: Callable[[], Framer[F]],
+        config: ServerConfig | None = None,
+        send_ping: Callable[[Connection[F]], Awaitable[None]] | None = None,
+        goodbye: Callable[[Connection[F], float], Awaitable[None]] | None = None,
+        refuse: Callable[[anyio.abc.SocketStream, float], Awaitable[None]] | None = None,
+        on_event: Callable[[ServerEvent], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config = config if config is not None else ServerConfig()
+        if config.heartbeat is not None and send_ping is None:
+            raise ConfigError("heartbeat (active) needs a send_ping callback")
+        self._identify = identify
+        self._handler = handler
+        self._framer = framer
+        self._send_ping = send_ping
+        self._goodbye = goodbye
+        self._refuse = refuse
+        self._on_event = on_event
+        self._rng = rng if rng is not None else random.Random()
+        self.registry = SessionRegistry(timeout=config.idle_timeout, resolution=config.resolution)
+        self.admission = (
+            AdmissionController(config.admission, rng=self._rng)
+            if config.admission is not None
+            else None
+        )
+        self.flapping = FlappingDetector(config.flapping) if config.flapping is not None else None
+        self._connections: set[Connection[F]] = set()
+        self._pending_hellos = 0
+        self._accepted = 0
+        self._accept_errors = 0
+        self._closed: Counter[CloseReason] = Counter()
+        self._takeovers = 0
+        self._listeners: list[anyio.abc.SocketListener] = []
+        self._stopping = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+        self._serving = False
+        self._stopped = anyio.Event()
+        self._tasks: anyio.abc.TaskGroup | None = None
+
+    # -- running
+
+    async def serve_tcp(
+        self,
+        host: str | Sequence[str] | None = "127.0.0.1",
+        port: int = 0,
+        *,
+        backlog: int = 4096,
+        task_status: anyio.abc.TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host``:``port`` (IPv4 and/or IPv6; None means all interfaces) and serve
+        until :meth:`shutdown`. ``task_status.started`` receives the bound addresses."""
+        hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
+        listeners: list[anyio.abc.SocketListener] = []
+        try:
+            for one in hosts:
+                multi = await anyio.create_tcp_listener(
+                    local_host=one, local_port=port, backlog=backlog
+                )
+                listeners.extend(cast("list[anyio.abc.SocketListener]", multi.listeners))
+                if port == 0 and len(hosts) > 1:
+                    # Serve every host on the port the first one was given.
+                    port = listeners[0].extra(SocketAttribute.local_port)
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        await self.serve(listeners, task_status=task_status)
+
+    async def serve(
+        self,
+        listeners: anyio.abc.SocketListener | Iterable[anyio.abc.SocketListener],
+        *,
+        task_status: anyio.abc.TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve existing listeners until :meth:`shutdown` (which closes them)."""
+        if self._serving:
+            raise RuntimeError("this Server is already serving")
+        if isinstance(listeners, anyio.abc.SocketListener):
+            listeners = [listeners]
+        found: list[anyio.abc.SocketListener] = []
+        for listener in listeners:
+            found.extend(getattr(listener, "listeners", [listener]))
+        self._listeners = found
+        self._serving = True
+        try:
+            async with anyio.create_task_group() as tasks:
+                self._tasks = tasks
+                tasks.start_soon(self._reaper, name="keepconn reaper")
+                for listener in self._listeners:
+                    tasks.start_soon(self._accept_loop, listener, name="keepconn accept")
+                task_status.started(
+                    [tuple(ln.extra(SocketAttribute.local_address))[:2] for ln in found]  # type: ignore[misc]
+                )
+                await self._stopping.wait()
+                await self._drain()
+                tasks.cancel_scope.cancel()
+        finally:
+            self._serving = False
+            with anyio.CancelScope(shield=True):
+                for listener in self._listeners:
+                    await listener.aclose()
+            self._stopped.set()
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell every peer it is going away (with a jittered reconnect hint),
+        give them ``shutdown_grace`` seconds, then abort the stragglers. Returns when done."""
+        self._stopping.set()
+        if self._serving:
+            await self._stopped.wait()
+
+    async def _drain(self) -> None:
+        config = self.config
+        for listener in self._listeners:
+            await listener.aclose()
+        conns = list(self._connections)
+        for conn in conns:
+            retry_after = jitter(config.shutdown_retry_after, config.shutdown_jitter, self._rng)
+            if self._goodbye is not None and conn.session is not None:
+                with anyio.move_on_after(min(1.0, config.shutdown_grace)):
+                    try:
+                        await self._goodbye(conn, retry_after)
+                    except Exception:  # a peer that cannot be told is aborted below anyway
+                        logger.debug("goodbye to %r failed", conn, exc_info=True)
+            await conn.shutdown(CloseReason.SHUTDOWN, config.shutdown_grace)
+        with anyio.move_on_after(config.shutdown_grace + 0.5):
+            await self._idle.wait()
+        for conn in list(self._connections):
+            conn.close(CloseReason.SHUTDOWN, "aborted after grace")
+        with anyio.move_on_after(1.0):
+            await self._idle.wait()
+
+    # -- accepting
+
+    async def _accept_loop(self, listener: anyio.abc.SocketListener) -> None:
+        tasks = self._tasks
+        assert tasks is not None
+        while True:
+            try:
+                stream = await listener.accept()
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
+                code = _errno_of(exc)
+                if isinstance(exc, anyio.ClosedResourceError) or self._stopping.is_set():
+                    return
+                if code in _ACCEPT_RESOURCE_ERRNOS:
+                    # Out of descriptors or buffers: keep serving the live sessions and try
+                    # again shortly; closes elsewhere will free what accept needs.
+                    self._accept_errors += 1
+                    logger.warning(
+                        "accept failed (%s); pausing %.0f ms",
+                        errno.errorcode.get(code or 0, code),
+                        _ACCEPT_PAUSE * 1000,
+                    )
+                    await anyio.sleep(_ACCEPT_PAUSE)
+                    continue
+                if code in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
+                    continue  # the peer gave up before we accepted; nothing to serve
+                raise
+            self._accepted += 1
+            tasks.start_soon(self._run, stream)
+
+    # -- one connection
+
+    async def _run(self, stream: anyio.abc.SocketStream) -> None:
+        conn = Connection(self, stream, self._framer())
+        if not self._connections:
+            self._idle = anyio.Event()
+        self._connections.add(conn)
+        in_hello = False
+        admission = self.admission
+        try:
+            with conn._scope:
+                try:
+                    if not await self._admit(conn):
+                        return
+                    self._apply_keepalive(conn)
+                    in_hello = True
+                    self._pending_hellos += 1
+                    if admission is not None:
+                        victim = admission.hello_started(conn)
+                        if victim is not None:
+                            # At the hello cap the oldest pending hello goes, not the newcomer:
+                            # see AdmissionConfig for why.
+                            assert isinstance(victim, Connection)
+                            victim.close(CloseReason.OVERLOADED, "shed: oldest pending hello")
+                    hello = await self._hello(conn)
+                    self._end_hello(conn)
+                    in_hello = False
+                    if hello is None:
+                        return
+                    if not await self._open_session(conn, hello):
+                        return
+                    await self._serve_session(conn)
+                except Exception as exc:
+                    reason, detail = _reason_for(exc)
+                    if conn._reason is None:
+                        conn._reason, conn._detail = reason, detail
+                    if reason is CloseReason.APPLICATION and not isinstance(exc, SessionClosed):
+                        logger.exception("handler for %r failed", conn)
+        finally:
+            if in_hello:
+                self._end_hello(conn)
+            with anyio.CancelScope(shield=True):
+                await self._finish(conn)
+
+    def _end_hello(self, conn: Connection[F]) -> None:
+        self._pending_hellos -= 1
+        if self.admission is not None:
+            self.admission.hello_finished(conn)
+
+    async def _admit(self, conn: Connection[F]) -> bool:
+        """Admission at accept time: refused connections cost no hello parsing."""
+        if self._stopping.is_set():
+            conn._reason = CloseReason.SHUTDOWN
+            return False
+        if self.admission is None:
+            return True
+        decision = self.admission.admit(anyio.current_time())
+        if decision.admitted:
+            return True
+        await self._refuse_connection(conn, decision.limit or "", decision.retry_after)
+        return False
+
+    async def _refuse_connection(
+        self, conn: Connection[F], limit: str, retry_after: float | None
+    ) -> None:
+        conn._reason, conn._detail = CloseReason.OVERLOADED, limit
+        if self._refuse is not None and retry_after is not None:
+            with anyio.move_on_after(1.0):
+                try:
+                    await self._refuse(conn.stream, retry_after)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
+
+    def _apply_keepalive(self, conn: Connection[F]) -> None:
+        if self.config.keepalive is None:
+            return
+        try:
+            self.config.keepalive.apply(conn.raw_socket())
+        except OSError as exc:
+            # The peer may already be gone; the hello will find out.
+            logger.debug("keepalive not applied to %r: %s", conn, exc)
+
+    async def _hello(self, conn: Connection[F]) -> Hello | None:
+        with anyio.move_on_after(self.config.hello_timeout) as timer:
+            hello = await self._identify(conn)
+        if timer.cancelled_caught:
+            if conn._reason is None:
+                conn._reason = CloseReason.HELLO_TIMEOUT
+            return None
+        if not isinstance(hello, Hello):
+            raise TypeError(f"identify must return a Hello, got {hello!r}")
+        return hello
+
+    async def _open_session(self, conn: Connection[F], hello: Hello) -> bool:
+        now = anyio.current_time()
+        identity = hello.identity
+        old = self.registry.get(identity)
+        if self.admission is not None:
+            decision = self.admission.admit_session(
+                now, len(self.registry), takeover=old is not None
+            )
+            if not decision.admitted:
+                await self._refuse_connection(conn, decision.limit or "", decision.retry_after)
+                return False
+        if self.flapping is not None:
+            verdict = self.flapping.record_hello(identity, now)
+            if verdict.ok and old is not None:
+                verdict = self.flapping.record_takeover(
+                    identity, _host(old.conn.peer), _host(conn.peer), now
+                )
+            if not verdict.ok:
+                until = verdict.until if verdict.until is not None else now
+                conn._reason = CloseReason.FLAPPING
+                conn._detail = f"{verdict.kind.value} for {until - now:.0f} s more"
+                return False
+        old = self.registry.get(identity)
+        # Synchronous from here to open(): no other task can interleave, so of any number of
+        # concurrent hellos for one identity exactly one session is live afterwards.
+        conn._session = self.registry.open(identity, now=now, timeout=hello.timeout, conn=conn)
+        if old is not None:
+            self._takeovers += 1
+            old_conn: Connection[F] = old.conn
+            old_conn.close(CloseReason.TAKEN_OVER, f"by {conn.peer!r}")
+            self._emit(SessionTakenOver(identity, old_conn.peer, conn.peer))
+        if self.config.heartbeat is not None:
+            conn._pinger = Pinger(self.config.heartbeat, now)
+        if self.config.ping_rate is not None:
+            conn._policer = PingPolicer(self.config.ping_rate)
+        self._emit(ConnectionOpened(identity, conn.peer, old is not None))
+        return True
+
+    async def _serve_session(self, conn: Connection[F]) -> None:
+        config = self.config
+        if config.max_age is not None:
+            # Spread the ends of connections that started together (gRPC does the same).
+            age = jitter(config.max_age, config.max_age_jitter, self._rng)
+            conn._scope.deadline = min(conn._scope.deadline, conn.opened_at + age)
+        if conn._pinger is None:
+            await self._handler(conn)
+            return
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(self._ping_loop, conn)
+            await self._handler(conn)
+            tasks.cancel_scope.cancel()
+
+    async def _ping_loop(self, conn: Connection[F]) -> None:
+        pinger = conn._pinger
+        send_ping = self._send_ping
+        assert pinger is not None and send_ping is not None
+        while True:
+            await anyio.sleep(max(0.0, pinger.next_deadline() - anyio.current_time()))
+            action = pinger.poll(anyio.current_time())
+            if action is PingAction.DEAD:
+                conn.close(CloseReason.HEARTBEAT_TIMEOUT, f"{pinger.misses} pings unanswered")
+                return
+            if action is PingAction.SEND_PING:
+                await send_ping(conn)
+                pinger.ping_sent(anyio.current_time())
+
+    def _default_reason(self, conn: Connection[F]) -> CloseReason:
+        """The reason for a connection that ended without one being set explicitly."""
+        if self._stopping.is_set():
+            return CloseReason.SHUTDOWN
+        if conn._peer_closed:
+            return CloseReason.PEER_CLOSED
+        if conn._scope.cancelled_caught:
+            # Nothing but max_age puts a deadline on a connection's scope outside shutdown.
+            return CloseReason.MAX_AGE
+        return CloseReason.APPLICATION
+
+    async def _finish(self, conn: Connection[F]) -> None:
+        """Close the socket and account for the close, exactly once per connection."""
+        if conn._reason is None:
+            conn._reason = self._default_reason(conn)
+        reason = conn._reason
+        session = conn._session
+        if session is not None:
+            if session.reason is None:
+                self.registry.close(session, reason)
+            elif session.reason is not reason and reason is not CloseReason.TAKEN_OVER:
+                # The registry decided first (reaped or taken over): its reason is the one.
+                reason = conn._reason = session.reason
+        if reason in _ABORTIVE:
+            try:
+                conn.raw_socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+            except (OSError, ValueError, anyio.TypedAttributeLookupError):
+                pass  # already closed underneath us (uvloop reports a negative descriptor)
+        try:
+            await conn.stream.aclose()
+        except (OSError, anyio.BrokenResourceError):
+            pass
+        self._connections.discard(conn)
+        if not self._connections:
+            self._idle.set()
+        self._closed[reason] += 1
+        duration = anyio.current_time() - conn.opened_at
+        identity = None if session is None else session.key
+        if reason is not CloseReason.OVERLOADED or logger.isEnabledFor(logging.DEBUG):
+            logger.log(
+                logging.INFO if reason is not CloseReason.OVERLOADED else logging.DEBUG,
+                "closed peer=%s identity=%r reason=%s after %.3f s%s",
+                conn.peer,
+                identity,
+                reason.name,
+                duration,
+                f" ({conn._detail})" if conn._detail else "",
+            )
+        self._emit(ConnectionClosed(identity, conn.peer, reason, duration, conn._detail))
+
+    # -- reaping
+
+    async def _reaper(self) -> None:
+        registry = self.registry
+        batch = self.config.reap_batch
+        while True:
+            now = anyio.current_time()
+            for session in registry.reap(now, limit=batch):
+                conn: Connection[F] = session.conn
+                conn.close(CloseReason.IDLE_TIMEOUT, f"silent for {now - session.last_seen:.2f} s")
+            wake = registry.next_deadline()
+            if wake is not None and wake <= now:
+                # A mass expiry: let other tasks run between batches.
+                await anyio.lowlevel.checkpoint()
+                continue
+            delay = registry.resolution if wake is None else min(registry.resolution, wake - now)
+            await anyio.sleep(max(delay, 0.001))
+
+    # -- observability
+
+    def _emit(self, event: ServerEvent) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("on_event callback failed for %r", event)
+
+    @property
+    def connections(self) -> tuple[Connection[F], ...]:
+        """A snapshot of the open connections (hello phase included)."""
+        return tuple(self._connections)
+
+    def stats(self) -> ServerStats:
+        """A frozen snapshot of the server's counters."""
+        return ServerStats(
+            connections=len(self._connections),
+            pending_hellos=self._pending_hellos,
+            accepted=self._accepted,
+            accept_errors=self._accept_errors,
+            closed={reason: self._closed[reason] for reason in CloseReason},
+            takeovers=self._takeovers,
+            registry=self.registry.stats(),
+        )

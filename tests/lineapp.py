@@ -1,0 +1,155 @@
+"""A tiny line protocol served by keepconn, used by the server tests.
+
+Client -> server lines:  ``HELLO <id> <password> [timeout]``, ``PING``, ``PONG``, ``DATA <x>``,
+``BYE``. Server -> client: ``OK``, ``DENIED``, ``PONG``, ``PING``, ``ACK <x>``, ``RETRY <s>``,
+``GOAWAY <s>``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from keepconn import (
+    CloseReason,
+    Connection,
+    Hello,
+    HelloRejected,
+    LineFramer,
+    Server,
+    ServerConfig,
+    ServerEvent,
+)
+
+PASSWORD = b"secret"
+
+
+async def identify(conn: Connection[bytes]) -> Hello:
+    line = await conn.receive()
+    parts = line.split()
+    if len(parts) not in (3, 4) or parts[0] != b"HELLO":
+        await conn.send(b"DENIED\n")
+        raise HelloRejected("malformed hello")
+    if parts[2] != PASSWORD:
+        await conn.send(b"DENIED\n")
+        raise HelloRejected("wrong password")
+    timeout = float(parts[3]) if len(parts) == 4 else None
+    await conn.send(b"OK\n")
+    return Hello(parts[1].decode(), timeout=timeout)
+
+
+async def handler(conn: Connection[bytes]) -> None:
+    async for line in conn:
+        if line == b"PING":
+            conn.ping_received()
+            await conn.send(b"PONG\n")
+        elif line == b"PONG":
+            conn.pong_received()
+        elif line.startswith(b"DATA "):
+            await conn.send(b"ACK " + line[5:] + b"\n")
+        elif line == b"BYE":
+            return
+
+
+async def send_ping(conn: Connection[bytes]) -> None:
+    await conn.send(b"PING\n")
+
+
+async def goodbye(conn: Connection[bytes], retry_after: float) -> None:
+    await conn.send(b"GOAWAY %.3f\n" % retry_after)
+
+
+async def refuse(stream: anyio.abc.SocketStream, retry_after: float) -> None:
+    await stream.send(b"RETRY %.3f\n" % retry_after)
+
+
+def make_server(config: ServerConfig, events: list[ServerEvent] | None = None) -> Server[bytes]:
+    return Server(
+        identify=identify,
+        handler=handler,
+        framer=lambda: LineFramer(max_length=1024),
+        config=config,
+        send_ping=send_ping,
+        goodbye=goodbye,
+        refuse=refuse,
+        on_event=None if events is None else events.append,
+    )
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    config: ServerConfig, host: str = "127.0.0.1", events: list[ServerEvent] | None = None
+) -> AsyncIterator[tuple[Server[bytes], int]]:
+    """Run a line-protocol server for the duration of the block; yields (server, port)."""
+    server = make_server(config, events)
+    async with anyio.create_task_group() as tasks:
+        addresses = await tasks.start(server.serve_tcp, host, 0)
+        try:
+            yield server, addresses[0][1]
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+                await server.shutdown()
+            tasks.cancel_scope.cancel()
+
+
+class Client:
+    """A line client over an anyio stream."""
+
+    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+        self.stream = stream
+        self._buffer = b""
+
+    @classmethod
+    async def connect(cls, port: int, host: str = "127.0.0.1") -> Client:
+        return cls(await anyio.connect_tcp(host, port))
+
+    async def send(self, line: bytes) -> None:
+        await self.stream.send(line + b"\n")
+
+    async def line(self, timeout: float = 5.0) -> bytes:
+        with anyio.fail_after(timeout):
+            while b"\n" not in self._buffer:
+                self._buffer += await self.stream.receive()
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line
+
+    async def hello(
+        self, ident: str, password: bytes = PASSWORD, timeout: float | None = None
+    ) -> bytes:
+        extra = b"" if timeout is None else b" %g" % timeout
+        await self.send(b"HELLO " + ident.encode() + b" " + password + extra)
+        return await self.line()
+
+    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+        """Read until the server closes; True on EOF or reset."""
+        with anyio.fail_after(timeout):
+            try:
+                while True:
+                    await self.stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return True
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def local_port(self) -> int:
+        sock: socket.socket = self.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def closes(events: list[ServerEvent], reason: CloseReason) -> list[Any]:
+    from keepconn import ConnectionClosed
+
+    return [e for e in events if isinstance(e, ConnectionClosed) and e.reason is reason]
+
+
+async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    with anyio.fail_after(timeout):
+        while not predicate():
+            await anyio.sleep(0.01)
