@@ -27,6 +27,8 @@ from keepconn import (
 )
 
 PASSWORD = b"secret"
+#: (identity, payload) of every DATA line any test server received, in order.
+RECEIVED: list[tuple[object, bytes]] = []
 
 
 async def identify(conn: Connection[bytes]) -> Hello:
@@ -39,8 +41,7 @@ async def identify(conn: Connection[bytes]) -> Hello:
         await conn.send(b"DENIED\n")
         raise HelloRejected("wrong password")
     timeout = float(parts[3]) if len(parts) == 4 else None
-    await conn.send(b"OK\n")
-    return Hello(parts[1].decode(), timeout=timeout)
+    return Hello(parts[1].decode(), timeout=timeout, welcome=b"OK\n", refusal=b"BUSY\n")
 
 
 async def handler(conn: Connection[bytes]) -> None:
@@ -51,6 +52,7 @@ async def handler(conn: Connection[bytes]) -> None:
         elif line == b"PONG":
             conn.pong_received()
         elif line.startswith(b"DATA "):
+            RECEIVED.append((conn.identity, line[5:]))
             await conn.send(b"ACK " + line[5:] + b"\n")
         elif line == b"BYE":
             return
@@ -68,7 +70,13 @@ async def refuse(stream: anyio.abc.SocketStream, retry_after: float) -> None:
     await stream.send(b"RETRY %.3f\n" % retry_after)
 
 
-def make_server(config: ServerConfig, events: list[ServerEvent] | None = None) -> Server[bytes]:
+def make_server(
+    config: ServerConfig,
+    events: list[ServerEvent] | None = None,
+    on_event: Callable[[ServerEvent], None] | None = None,
+) -> Server[bytes]:
+    if on_event is None and events is not None:
+        on_event = events.append
     return Server(
         identify=identify,
         handler=handler,
@@ -77,16 +85,19 @@ def make_server(config: ServerConfig, events: list[ServerEvent] | None = None) -
         send_ping=send_ping,
         goodbye=goodbye,
         refuse=refuse,
-        on_event=None if events is None else events.append,
+        on_event=on_event,
     )
 
 
 @contextlib.asynccontextmanager
 async def serving(
-    config: ServerConfig, host: str = "127.0.0.1", events: list[ServerEvent] | None = None
+    config: ServerConfig,
+    host: str = "127.0.0.1",
+    events: list[ServerEvent] | None = None,
+    on_event: Callable[[ServerEvent], None] | None = None,
 ) -> AsyncIterator[tuple[Server[bytes], int]]:
     """Run a line-protocol server for the duration of the block; yields (server, port)."""
-    server = make_server(config, events)
+    server = make_server(config, events, on_event)
     async with anyio.create_task_group() as tasks:
         addresses = await tasks.start(server.serve_tcp, host, 0)
         try:

@@ -20,7 +20,7 @@ from keepconn import (
     SessionTakenOver,
 )
 from keepconn.tcp import census
-from tests.lineapp import Client, closes, serving, wait_for
+from tests.lineapp import RECEIVED, Client, closes, serving, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -322,3 +322,49 @@ def test_config_is_validated_when_built() -> None:
         ServerConfig(reap_batch=0)
     with pytest.raises(ConfigError, match="timeout"):
         ActiveHeartbeat(interval=1, timeout=2)
+
+
+async def test_graceful_timeout_close_sends_fin_and_keeps_reading_during_the_grace() -> None:
+    events: list[ServerEvent] = []
+    config = ServerConfig(
+        idle_timeout=30, resolution=0.05, timeout_close="graceful", close_grace=1.0, **BASE
+    )
+    async with serving(config, events=events) as (server, port):
+        client = await Client.connect(port)
+        assert await client.hello("slow-link", timeout=0.5) == b"OK"
+        # Silence: the server half-closes (FIN, not RST) ...
+        assert await client.closed_by_server(timeout=3)
+        # ... and what the peer still sends within the grace period is not lost.
+        await client.send(b"DATA late")
+        await wait_for(lambda: ("slow-link", b"late") in RECEIVED, timeout=1)
+        await client.aclose()
+        await wait_for(lambda: bool(closes(events, CloseReason.IDLE_TIMEOUT)))
+        assert "slow-link" not in server.registry
+
+
+async def test_max_age_closes_with_jitter() -> None:
+    events: list[ServerEvent] = []
+    config = ServerConfig(max_age=0.5, max_age_jitter=0.2, **BASE)
+    async with serving(config, events=events) as (server, port):
+        clients = [await Client.connect(port) for _ in range(10)]
+        for i, client in enumerate(clients):
+            assert await client.hello(f"aged{i}") == b"OK"
+        await wait_for(lambda: len(closes(events, CloseReason.MAX_AGE)) == 10, timeout=3)
+        durations = [e.duration for e in closes(events, CloseReason.MAX_AGE)]
+        assert all(0.4 - 0.01 <= d <= 0.6 + 0.2 for d in durations), durations
+        assert len({round(d, 3) for d in durations}) > 1  # spread, not all at once
+        for client in clients:
+            await client.aclose()
+
+
+async def test_serves_ipv6_too() -> None:
+    try:
+        listener = await anyio.create_tcp_listener(local_host="::1", local_port=0)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    await listener.aclose()
+    async with serving(ServerConfig(**BASE), host="::1") as (server, port):
+        client = await Client.connect(port, host="::1")
+        assert await client.hello("v6") == b"OK"
+        assert server.connections[0].peer[0] == "::1"
+        await client.aclose()

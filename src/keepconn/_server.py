@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 import socket
 import struct
@@ -30,10 +31,17 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import SocketAttribute
 
-from ._admission import AdmissionConfig, AdmissionController
+from ._admission import AdmissionConfig, AdmissionController, AdmissionStats
 from ._backoff import jitter
 from ._errors import ConfigError, HelloRejected, ProtocolError, SessionClosed
-from ._flapping import FlappingConfig, FlappingDetector
+from ._flapping import (
+    AddressFlappingConfig,
+    AddressFlappingDetector,
+    FlappingConfig,
+    FlappingDetector,
+    FlappingStats,
+    VerdictKind,
+)
 from ._framing import Framer
 from ._heartbeat import ActiveHeartbeat, PingAction, Pinger, PingPolicer, PingRateLimit
 from ._reasons import CloseReason
@@ -88,6 +96,12 @@ class Hello:
 
     identity: Hashable
     timeout: float | None = attrs.field(default=None, validator=number(optional=True))
+    #: Bytes sent once the session is open (an MQTT CONNACK 0, say). Sending the welcome here
+    #: rather than inside identify means a peer is never welcomed and then refused.
+    welcome: bytes | None = None
+    #: Bytes sent if the server refuses the session after authentication (admission's session
+    #: cap, a flapping ban, a duplicate identity), e.g. MQTT CONNACK 3 "server unavailable".
+    refusal: bytes | None = None
 
 
 @attrs.frozen
@@ -120,10 +134,20 @@ class ServerConfig:
     max_age_jitter: float = attrs.field(
         default=0.1, validator=number(min_inclusive=True, maximum=1.0)
     )
+    #: How timeouts (idle, heartbeat) close a peer that may still be alive behind a slow link:
+    #: "abort" sends a RST at once; "graceful" sends FIN, keeps reading (and handing frames to
+    #: the handler) for close_grace seconds so nothing in flight is lost, then aborts.
+    timeout_close: str = attrs.field(
+        default="abort", validator=attrs.validators.in_(("abort", "graceful"))
+    )
+    close_grace: float = attrs.field(default=2.0, validator=number())
     #: Admission control (None: admit everything). See AdmissionConfig for the defaults.
     admission: AdmissionConfig | None = attrs.field(factory=AdmissionConfig)
     #: Flapping detection (None: off).
     flapping: FlappingConfig | None = attrs.field(factory=FlappingConfig)
+    #: Per-source-address detection of connections that never complete a hello (off by
+    #: default: carrier-grade NAT puts thousands of devices behind one address).
+    address_flapping: AddressFlappingConfig | None = None
     #: Bytes asked of the socket per receive.
     receive_size: int = attrs.field(default=65536, validator=number(integer=True))
 
@@ -195,6 +219,10 @@ class ServerStats:
     takeovers: int
     #: The session registry's own snapshot.
     registry: RegistryStats
+    #: Admission control's counters (None when it is off).
+    admission: AdmissionStats | None = None
+    #: Flapping and duplicate-identity counters, bans included (None when off).
+    flapping: FlappingStats | None = None
 
 
 # -- connections ------------------------------------------------------------------------------
@@ -220,6 +248,7 @@ class Connection(Generic[F]):
         self._pinger: Pinger | None = None
         self._policer: PingPolicer | None = None
         self._peer_closed = False
+        self._graceful = False
         self.opened_at = anyio.current_time()
         #: The peer's address as the socket reports it, e.g. ("127.0.0.1", 50312).
         self.peer: Any = _extra(stream, SocketAttribute.remote_address)
@@ -268,7 +297,7 @@ class Connection(Generic[F]):
         """
         frames = self._frames
         while not frames:
-            if self._reason is not None:
+            if self._reason is not None and not self._graceful:
                 raise SessionClosed(f"connection is closing ({self._reason.name})")
             try:
                 data = await self._stream.receive(self._server.config.receive_size)
@@ -325,10 +354,24 @@ class Connection(Generic[F]):
         peer was still sending is lost (the handler keeps receiving), then close."""
         if self._reason is None:
             self._reason = reason
+        self._graceful = True
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
         try:
             await self._stream.send_eof()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self._scope.cancel()
+
+    def _close_gracefully(self, reason: CloseReason, grace: float, detail: str = "") -> None:
+        """Send FIN now and close for good after ``grace`` s; synchronous, for the reaper."""
+        if self._reason is not None:
+            return
+        self._reason, self._detail, self._graceful = reason, detail, True
+        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
+        try:
+            # Half-close on the socket itself: the stream API is async, and the reaper must not
+            # wait on one peer. Later writes by the handler then fail, which ends it.
+            _half_close(self.raw_socket())
+        except (OSError, ValueError, anyio.TypedAttributeLookupError):
             self._scope.cancel()
 
     def __repr__(self) -> str:
@@ -341,6 +384,16 @@ def _extra(stream: anyio.abc.SocketStream, attribute: Any) -> Any:
         return stream.extra(attribute)
     except (anyio.TypedAttributeLookupError, OSError):
         return None
+
+
+def _half_close(sock: socket.socket) -> None:
+    """shutdown(SHUT_WR) on a stream's socket. asyncio hands out a TransportSocket that refuses
+    shutdown(), so go through a duplicate descriptor: shutdown acts on the socket, not the fd."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except (TypeError, AttributeError):
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.shutdown(socket.SHUT_WR)
 
 
 def _host(peer: Any) -> Any:
@@ -429,6 +482,11 @@ class Server(Generic[F]):
             else None
         )
         self.flapping = FlappingDetector(config.flapping) if config.flapping is not None else None
+        self.address_flapping = (
+            AddressFlappingDetector(config.address_flapping)
+            if config.address_flapping is not None
+            else None
+        )
         self._connections: set[Connection[F]] = set()
         self._pending_hellos = 0
         self._accepted = 0
@@ -594,7 +652,12 @@ class Server(Generic[F]):
                     if hello is None:
                         return
                     if not await self._open_session(conn, hello):
+                        if hello.refusal is not None:
+                            with anyio.move_on_after(1.0):
+                                await conn.send(hello.refusal)
                         return
+                    if hello.welcome is not None:
+                        await conn.send(hello.welcome)
                     await self._serve_session(conn)
                 except Exception as exc:
                     reason, detail = _reason_for(exc)
@@ -605,6 +668,9 @@ class Server(Generic[F]):
         finally:
             if in_hello:
                 self._end_hello(conn)
+                if self.address_flapping is not None:
+                    # Ended before its hello completed: what a scanner or a broken device does.
+                    self.address_flapping.record_aborted(_host(conn.peer), anyio.current_time())
             with anyio.CancelScope(shield=True):
                 await self._finish(conn)
 
@@ -618,6 +684,11 @@ class Server(Generic[F]):
         if self._stopping.is_set():
             conn._reason = CloseReason.SHUTDOWN
             return False
+        if self.address_flapping is not None:
+            until = self.address_flapping.banned_until(_host(conn.peer), anyio.current_time())
+            if until is not None:
+                conn._reason, conn._detail = CloseReason.FLAPPING, "address banned"
+                return False
         if self.admission is None:
             return True
         decision = self.admission.admit(anyio.current_time())
@@ -678,6 +749,16 @@ class Server(Generic[F]):
                 until = verdict.until if verdict.until is not None else now
                 conn._reason = CloseReason.FLAPPING
                 conn._detail = f"{verdict.kind.value} for {until - now:.0f} s more"
+                if verdict.kind is VerdictKind.DUPLICATE:
+                    # Two live devices share an identity: keep the incumbent, refuse the
+                    # newcomer, and say so loudly instead of looping on takeovers.
+                    logger.warning(
+                        "duplicate identity %r: hosts %s keep taking it from each other; "
+                        "refusing newcomers for %.0f s",
+                        identity,
+                        " and ".join(map(str, verdict.peers)),
+                        until - now,
+                    )
                 return False
         old = self.registry.get(identity)
         # Synchronous from here to open(): no other task can interleave, so of any number of
@@ -717,7 +798,8 @@ class Server(Generic[F]):
             await anyio.sleep(max(0.0, pinger.next_deadline() - anyio.current_time()))
             action = pinger.poll(anyio.current_time())
             if action is PingAction.DEAD:
-                conn.close(CloseReason.HEARTBEAT_TIMEOUT, f"{pinger.misses} pings unanswered")
+                detail = f"{pinger.misses} pings unanswered"
+                self._timed_out(conn, CloseReason.HEARTBEAT_TIMEOUT, detail)
                 return
             if action is PingAction.SEND_PING:
                 await send_ping(conn)
@@ -734,6 +816,12 @@ class Server(Generic[F]):
             return CloseReason.MAX_AGE
         return CloseReason.APPLICATION
 
+    def _timed_out(self, conn: Connection[F], reason: CloseReason, detail: str) -> None:
+        if self.config.timeout_close == "graceful":
+            conn._close_gracefully(reason, self.config.close_grace, detail)
+        else:
+            conn.close(reason, detail)
+
     async def _finish(self, conn: Connection[F]) -> None:
         """Close the socket and account for the close, exactly once per connection."""
         if conn._reason is None:
@@ -746,7 +834,8 @@ class Server(Generic[F]):
             elif session.reason is not reason and reason is not CloseReason.TAKEN_OVER:
                 # The registry decided first (reaped or taken over): its reason is the one.
                 reason = conn._reason = session.reason
-        if reason in _ABORTIVE:
+        if reason in _ABORTIVE and not (conn._graceful and conn._peer_closed):
+            # (A graceful close the peer answered with its own FIN ends cleanly instead.)
             try:
                 conn.raw_socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             except (OSError, ValueError, anyio.TypedAttributeLookupError):
@@ -782,7 +871,9 @@ class Server(Generic[F]):
             now = anyio.current_time()
             for session in registry.reap(now, limit=batch):
                 conn: Connection[F] = session.conn
-                conn.close(CloseReason.IDLE_TIMEOUT, f"silent for {now - session.last_seen:.2f} s")
+                self._timed_out(
+                    conn, CloseReason.IDLE_TIMEOUT, f"silent for {now - session.last_seen:.2f} s"
+                )
             wake = registry.next_deadline()
             if wake is not None and wake <= now:
                 # A mass expiry: let other tasks run between batches.
@@ -807,6 +898,7 @@ class Server(Generic[F]):
 
     def stats(self) -> ServerStats:
         """A frozen snapshot of the server's counters."""
+        now = anyio.current_time()
         return ServerStats(
             connections=len(self._connections),
             pending_hellos=self._pending_hellos,
@@ -815,4 +907,6 @@ class Server(Generic[F]):
             closed={reason: self._closed[reason] for reason in CloseReason},
             takeovers=self._takeovers,
             registry=self.registry.stats(),
+            admission=None if self.admission is None else self.admission.stats(now),
+            flapping=None if self.flapping is None else self.flapping.stats(now),
         )
