@@ -499,6 +499,9 @@ class Server(Generic[F]):
         self._idle.set()
         self._serving = False
         self._stopped = anyio.Event()
+        self._started = anyio.Event()
+        #: The bound (host, port) pairs once serving; empty before.
+        self.addresses: list[tuple[str, int]] = []
         self._tasks: anyio.abc.TaskGroup | None = None
 
     # -- running
@@ -552,9 +555,12 @@ class Server(Generic[F]):
                 tasks.start_soon(self._reaper, name="keepconn reaper")
                 for listener in self._listeners:
                     tasks.start_soon(self._accept_loop, listener, name="keepconn accept")
-                task_status.started(
-                    [tuple(ln.extra(SocketAttribute.local_address))[:2] for ln in found]  # type: ignore[misc]
-                )
+                self.addresses = [
+                    tuple(ln.extra(SocketAttribute.local_address))[:2]  # type: ignore[misc]
+                    for ln in found
+                ]
+                self._started.set()
+                task_status.started(self.addresses)
                 await self._stopping.wait()
                 await self._drain()
                 tasks.cancel_scope.cancel()
@@ -564,6 +570,15 @@ class Server(Generic[F]):
                 for listener in self._listeners:
                     await listener.aclose()
             self._stopped.set()
+
+    async def wait_serving(self) -> list[tuple[str, int]]:
+        """Wait until the server is accepting; returns the bound addresses.
+
+        For programs that start :meth:`serve_tcp` as a plain task (``asyncio.create_task``)
+        rather than with anyio's ``TaskGroup.start``.
+        """
+        await self._started.wait()
+        return self.addresses
 
     async def shutdown(self) -> None:
         """Stop accepting, tell every peer it is going away (with a jittered reconnect hint),
