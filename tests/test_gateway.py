@@ -27,8 +27,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
+from keepconn import ServerConfig
 from keepconn.tcp import census
 from keepconn.testing.pytest_plugin import REQUIRE_ENV
 
@@ -38,7 +40,9 @@ GATEWAY = GATEWAY_DIR / "gateway.py"
 # The gateway imports its siblings by plain name; the tests build raw packets with the same codec.
 sys.path.insert(0, str(GATEWAY_DIR))
 
+import gateway as gateway_app  # noqa: E402
 import mqtt_codec as mq  # noqa: E402
+from sink import Recorder  # noqa: E402
 
 paho = pytest.importorskip("paho.mqtt.client")
 
@@ -601,16 +605,14 @@ def test_admission_and_flapping_refusals_answer_connack_3(
     for _ in range(4):
         client = RawClient(gw.port)
         try:
-            try:
-                codes.append(client.connect("flapper"))
-            except EOFError:
-                codes.append(None)  # the hello that triggers the ban: closed, no CONNACK
+            codes.append(client.connect("flapper"))
             if codes[-1] == 0:
                 client.send(mq.Disconnect())
             client.closed_by_gateway()
         finally:
             client.close()
-    assert codes == [0, 0, None, mq.ConnackCode.SERVER_UNAVAILABLE]
+    # The third CONNECT triggers the ban, the fourth meets it: both are told CONNACK 3.
+    assert codes == [0, 0, 3, 3]
     gw.wait_status(lambda s: s["closed"]["FLAPPING"] == 2)
 
     limited = start_gateway("--accept-rate", "0.1", "--accept-burst", "1")
@@ -622,6 +624,20 @@ def test_admission_and_flapping_refusals_answer_connack_3(
         first.close()
         second.close()
     limited.wait_status(lambda s: s["closed"]["OVERLOADED"] == 1)
+
+    capped = start_gateway("--max-sessions", "1")
+    first, second = RawClient(capped.port), RawClient(capped.port)
+    try:
+        assert first.connect("one") == 0
+        assert second.connect("two") == mq.ConnackCode.SERVER_UNAVAILABLE
+        with pytest.raises(EOFError):
+            second.packet()  # exactly one CONNACK, then the close
+        first.send(mq.Pingreq())
+        assert isinstance(first.packet(), mq.Pingresp)
+    finally:
+        first.close()
+        second.close()
+    capped.wait_status(lambda s: s["closed"]["OVERLOADED"] == 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -718,3 +734,60 @@ def test_malformed_users_file_is_a_clear_error(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "line 2" in result.stderr and "username:password" in result.stderr
     assert "listening" not in result.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# In process: the Gateway class with a sink of the user's own (the README's "swap the sink").
+
+
+class MemorySink:
+    """A replacement sink: keeps records in a list, or fails on demand."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+        self.fail = False
+
+    def write(self, records: Any) -> None:
+        if self.fail:
+            raise OSError("disk full")
+        self.records.extend(records)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.anyio
+async def test_a_replacement_sink_gets_every_message_and_a_failure_withholds_puback() -> None:
+    memory = MemorySink()
+    gateway = gateway_app.Gateway(
+        gateway_app.Users({"alice": b"s3cret"}),
+        Recorder(memory),
+        ServerConfig(admission=None, flapping=None),
+    )
+
+    async def packet(stream: Any, decoder: mq.Decoder) -> mq.Packet:
+        with anyio.fail_after(5):
+            while not (packets := decoder.feed(await stream.receive())):
+                pass
+        [one] = packets
+        return one
+
+    async with anyio.create_task_group() as tasks:
+        await tasks.start(gateway.recorder.run)
+        [(host, port)] = await tasks.start(gateway.server.serve_tcp, "127.0.0.1", 0)
+        async with await anyio.connect_tcp(host, port) as stream:
+            decoder = mq.Decoder(mq.Role.CLIENT)
+            await stream.send(mq.encode(mq.Connect("mem-1", username="alice", password=b"s3cret")))
+            assert await packet(stream, decoder) == mq.Connack()
+            await stream.send(mq.encode(mq.Publish("t/1", b"a", qos=0)))
+            await stream.send(mq.encode(mq.Publish("t/2", b"b", qos=1, packet_id=5)))
+            assert await packet(stream, decoder) == mq.Puback(5)
+            assert [(r.topic, r.payload) for r in memory.records] == [("t/1", b"a"), ("t/2", b"b")]
+
+            memory.fail = True
+            await stream.send(mq.encode(mq.Publish("t/3", b"c", qos=1, packet_id=6)))
+            with anyio.fail_after(5), pytest.raises((anyio.EndOfStream, anyio.BrokenResourceError)):
+                await packet(stream, decoder)  # closed, and no PUBACK came first
+        assert gateway.recorder.failed == 1
+        await gateway.server.shutdown()
+        await gateway.recorder.aclose()

@@ -21,7 +21,8 @@ What it does with each connection (the MQTT parts are in this file; keepconn doe
   complete packet counts as life, a trickle of partial bytes does not. TCP keepalive is set on
   every socket for devices that vanish while keepalive 0 lets them stay silent.
 * **Session** (:meth:`Gateway.handler`): CONNACK 0 is sent once keepconn has opened the session
-  (so a takeover has already happened and admission/flapping checks have passed). PUBLISH QoS
+  (``Hello.welcome``: a takeover has already happened and admission/flapping checks have passed,
+  so no client is welcomed and then refused). PUBLISH QoS
   0/1 goes to the telemetry sink (SQLite by default); a QoS 1 PUBLISH is acknowledged only once
   stored. Every PUBLISH is also delivered to the same user's sessions whose subscriptions match:
   that is how commands reach devices (a device subscribes to ``devices/<id>/commands/#`` and
@@ -29,9 +30,8 @@ What it does with each connection (the MQTT parts are in this file; keepconn doe
   PINGREQ gets PINGRESP. DISCONNECT closes cleanly and discards the will; any other end (a
   dead, silent or misbehaving device) publishes the will to subscribers.
 * **Refusals the client can see**: admission control (accept rate, ``--max-sessions``) answers
-  CONNACK 3 (server unavailable) and closes; so does a CONNECT for an identity banned for
-  flapping. The one hello that *triggers* a flapping ban is closed without a CONNACK, because
-  keepconn decides that after the CONNECT has been read and offers no hook there.
+  CONNACK 3 (server unavailable) and closes; so does a CONNECT for a client id banned for
+  flapping or held as a duplicate (``Hello.refusal``).
 * **Status**: with ``--status-port`` a loopback HTTP page (``GET /status`` JSON, ``GET /`` for
   humans) shows sessions, closes by reason, takeovers and the kernel's census of the port.
 
@@ -49,6 +49,7 @@ import secrets
 import signal
 import sys
 import time
+import weakref
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -106,6 +107,8 @@ MAX_QOS = 1
 OUTBOX_SIZE = 1000
 #: Seconds a closing session may spend sending what is queued for it (a last PUBACK).
 FLUSH_TIMEOUT = 1.0
+_CONNACK_OK = encode(Connack())
+_CONNACK_UNAVAILABLE = encode(Connack(return_code=ConnackCode.SERVER_UNAVAILABLE))
 #: Prefix of client ids assigned to clients that sent an empty one (MQTT-3.1.3-6).
 ASSIGNED_ID_PREFIX = "auto-"
 
@@ -258,6 +261,9 @@ class Gateway:
         self.delivered = 0
         self.dropped = 0
         self.wills = 0
+        # Streams whose CONNECT was accepted, so that refuse() can tell a refusal after identify
+        # (answered by Hello.refusal) from one at accept time. Weak: entries go with the streams.
+        self._identified: weakref.WeakSet[anyio.abc.SocketStream] = weakref.WeakSet()
 
     # -- keepconn callbacks
 
@@ -289,25 +295,13 @@ class Gateway:
         identity: Hashable = (username, client_id)
         keepalive = connect.keepalive
         timeout = None if keepalive == 0 else 1.5 * min(keepalive, self.options.max_keepalive)
-        if self._refused_for_flapping(identity):
-            # keepconn will close this connection with FLAPPING right after we return; tell the
-            # client why in the only words MQTT 3.1.1 has, so it backs off instead of retrying.
-            await _send_quietly(conn, encode(Connack(return_code=ConnackCode.SERVER_UNAVAILABLE)))
         conn.context = Device(username, client_id, keepalive, connect.will)
+        self._identified.add(conn.stream)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("CONNECT %r keepalive=%d from %s", identity, keepalive, conn.peer)
-        return Hello(identity, timeout=timeout)
-
-    def _refused_for_flapping(self, identity: Hashable) -> bool:
-        """Whether keepconn's flapping detector will refuse this identity's session (read-only:
-        the detector records the hello itself when the server opens the session)."""
-        flapping = self.server.flapping
-        if flapping is None:
-            return False
-        now = anyio.current_time()
-        if flapping.is_banned(identity, now):
-            return True
-        return identity in self.server.registry and flapping.is_duplicate(identity, now)
+        # keepconn sends the CONNACK once the session is open, or CONNACK 3 if it refuses the
+        # session after all (session cap, flapping ban, duplicate identity).
+        return Hello(identity, timeout=timeout, welcome=_CONNACK_OK, refusal=_CONNACK_UNAVAILABLE)
 
     async def refuse(self, stream: anyio.abc.SocketStream, retry_after: float) -> None:
         """Admission control refused the connection: CONNACK 3, "server unavailable".
@@ -317,7 +311,11 @@ class Gateway:
         carry ``retry_after``; clients fall back on their own reconnect backoff.
         """
         del retry_after
-        await stream.send(encode(Connack(return_code=ConnackCode.SERVER_UNAVAILABLE)))
+        if stream in self._identified:
+            # Refused after identify (the session cap): keepconn sends Hello.refusal as well,
+            # and one CONNACK is all a client may get.
+            return
+        await stream.send(_CONNACK_UNAVAILABLE)
 
     async def handler(self, conn: Connection[Packet]) -> None:
         """Serve one authenticated session until it ends, for whatever reason."""
@@ -329,7 +327,6 @@ class Gateway:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._write_loop, conn, device)
                 try:
-                    await device.outbox.send(encode(Connack()))
                     await self._read_loop(conn, device)
                 except anyio.EndOfStream:
                     pass  # the peer closed: keepconn records PEER_CLOSED
@@ -356,7 +353,7 @@ class Gateway:
     async def _read_loop(self, conn: Connection[Packet], device: Device) -> None:
         async for packet in conn:
             if isinstance(packet, Publish):
-                await self._on_publish(device, packet)
+                await self._on_publish(conn, device, packet)
             elif isinstance(packet, Pingreq):
                 conn.ping_received()  # enforces a ping-rate limit when one is configured
                 await device.outbox.send(encode(Pingresp()))
@@ -381,7 +378,7 @@ class Gateway:
             else:  # the codec never yields anything else to a server
                 raise MQTTProtocolError(f"unexpected {type(packet).__name__} from a client")
 
-    async def _on_publish(self, device: Device, packet: Publish) -> None:
+    async def _on_publish(self, conn: Connection[Packet], device: Device, packet: Publish) -> None:
         record = Telemetry(
             received=now_wall(),
             username=device.username,
@@ -397,10 +394,12 @@ class Gateway:
             return
         try:
             await self.recorder.store(record)
-        except SinkError:
-            # Unacknowledged, the client keeps the message and sends it again when it
-            # reconnects; dropping the connection is the only way to say "not stored".
-            raise
+        except SinkError as exc:
+            # MQTT 3.1.1 has no negative PUBACK: dropping the connection is the only way to say
+            # "not stored". The client keeps the message and sends it again when it reconnects.
+            # (The recorder has logged the sink's traceback.)
+            conn.close(CloseReason.APPLICATION, str(exc))
+            return
         self._deliver(device.username, packet.topic, packet.payload, packet.qos)
         assert packet.packet_id is not None  # the codec guarantees one at QoS 1
         await device.outbox.send(encode(Puback(packet.packet_id)))
@@ -546,7 +545,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--idle-timeout", type=pos_f, default=300.0, help="timeout of keepalive-0 clients, s"
     )
     p.add_argument(
-        "--resolution", type=pos_f, default=None, help="reaping granularity, s (default: keepconn)"
+        "--resolution",
+        type=pos_f,
+        default=None,
+        help="reaping granularity, s (None: min(1, idle-timeout/10))",
     )
     p.add_argument(
         "--max-packet", type=pos_i, default=DEFAULT_MAX_REMAINING_LENGTH, help="bytes per packet"
@@ -558,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-rate", type=pos_f, default=1000.0, help="connections/s sustained")
     p.add_argument("--accept-burst", type=pos_i, default=3000, help="connections at once")
     p.add_argument("--max-pending-hellos", type=pos_i, default=4096, help="CONNECTs awaited")
-    p.add_argument("--max-sessions", type=pos_i, default=None, help="live sessions (no cap)")
+    p.add_argument("--max-sessions", type=pos_i, default=None, help="live sessions (None: no cap)")
     p.add_argument("--no-admission", action="store_true", help="admit every connection")
     p.add_argument("--flap-max-hellos", type=pos_i, default=15, help="CONNECTs per window")
     p.add_argument("--flap-window", type=pos_f, default=60.0, help="flapping window, s")
@@ -568,9 +570,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--status-port", type=int, default=0, help="loopback HTTP status page port (0: off)"
     )
-    p.add_argument("--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio")
     p.add_argument(
-        "--log-level", default="info", choices=("debug", "info", "warning", "error"), type=str.lower
+        "--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio", help="event loop"
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        type=str.lower,
+        help="stderr logging; info logs one line per close",
     )
     return p
 
