@@ -283,3 +283,25 @@ def test_reap_in_a_large_registry_touches_only_what_is_due() -> None:
     assert registry.reap(30.0) == []
     assert registry.reap(59.99) == []
     assert len(registry.reap(60.0)) == 50_000
+
+
+def test_a_limited_reap_inside_a_slot_moves_only_a_bounded_chunk() -> None:
+    # All 1,000 sessions share one slot and `now` falls inside it: each call may examine at
+    # most twice its limit, yet together the calls reap exactly the due sessions.
+    registry = make(timeout=10, resolution=1)
+    for i in range(1000):
+        registry.open(i, now=i * 0.0004)  # deadlines 10.0 .. 10.3996
+    got: list[int] = []
+    calls = 0
+    while True:
+        batch = registry.reap(10.2, limit=10)
+        calls += 1
+        assert len(batch) <= 10
+        got += [s.key for s in batch]  # type: ignore[misc]
+        wake = registry.next_deadline()
+        assert wake is not None
+        if wake > 10.2:
+            break
+    assert sorted(got) == list(range(501))  # deadlines up to and including 10.2
+    assert calls >= 1000 // 20
+    assert len(registry.reap(10.3996)) == 499

@@ -234,6 +234,9 @@ class SessionRegistry:
         Calling it later than this delays reaping; calling it earlier is harmless. A returned
         time at or before ``now`` means work is due (for example after a reap with ``limit``).
         """
+        if self._due_slot is not None and self._due_slot in self._wheel:
+            # Part of the current slot is not on the exact heap yet: it may hold due sessions.
+            return self._due_slot * self._resolution
         wake = (self._slots[0] + 1) * self._resolution if self._slots else None
         if self._due and (wake is None or self._due[0][0] < wake):
             return self._due[0][0]
@@ -246,6 +249,12 @@ class SessionRegistry:
         entries examined), so one call stays short however many sessions expire together; the
         rest stay due for the next call.
         """
+        reaped = self._reap(now, limit)
+        # Counted once per call rather than per session on the hot loop.
+        self._closed[_IDLE_INDEX] += len(reaped)
+        return reaped
+
+    def _reap(self, now: float, limit: int | None) -> list[Session]:
         if limit is None:
             budget = math.inf
             cap = math.inf
@@ -259,20 +268,35 @@ class SessionRegistry:
         res = self._resolution
         wheel = self._wheel
         slots = self._slots
+        live = self._live
         while len(reaped) < budget and examined < cap:
-            due = self._due
-            if self._due_slot is not None:
+            due_slot = self._due_slot
+            if due_slot is not None:
+                pending = wheel.get(due_slot)
+                if pending is not None:
+                    # Still moving the slot `now` fell into onto the exact heap: a bounded
+                    # chunk per call, so a slot holding a million sessions cannot stall one.
+                    while pending and examined < cap:
+                        session = pending.pop()
+                        examined += 1
+                        if session.reason is None:
+                            self._file(session, session._last + session._timeout)
+                    if not pending:
+                        del wheel[due_slot]
+                        heapq.heappop(slots)  # due_slot is the smallest slot in the wheel
+                    continue
+                due = self._due
                 if not due:
                     self._due_slot = None
                     continue
                 if due[0][0] > now:
-                    if (self._due_slot + 1) * res > now:
+                    if (due_slot + 1) * res > now:
                         break
                     # Only float rounding gets here: the slot has passed but an entry filed
                     # into it is not due. Hand the rest back to the wheel and go on.
-                    slot, self._due_slot, self._due = self._due_slot, None, []
+                    self._due_slot, self._due = None, []
                     for _, _, session in due:
-                        self._file(session, session._last + session._timeout, after=slot)
+                        self._file(session, session._last + session._timeout, after=due_slot)
                     continue
                 session = heapq.heappop(due)[2]
                 examined += 1
@@ -288,17 +312,16 @@ class SessionRegistry:
             slot = slots[0]
             if slot * res > now:
                 break
-            heapq.heappop(slots)
-            bucket = wheel.pop(slot)
             if (slot + 1) * res > now:
                 # `now` is inside this slot: only part of it may be due, so order it exactly.
-                # Entries touched since filing move on to their later slot instead.
+                # Its entries move to the heap above (touched ones on to their later slot).
                 self._due_slot = slot
-                for session in bucket:
-                    if session.reason is None:
-                        self._file(session, session._last + session._timeout)
                 continue
+            heapq.heappop(slots)
+            bucket = wheel.pop(slot)
             # The whole slot has passed: each entry is either expired or was touched since.
+            # This is the adapter's usual path, so _expire and _file are inlined here.
+            get = wheel.get
             while bucket:
                 if len(reaped) >= budget or examined >= cap:
                     wheel[slot] = bucket
@@ -310,15 +333,25 @@ class SessionRegistry:
                     continue
                 deadline = session._last + session._timeout
                 if deadline <= now:
-                    self._expire(session, reaped)
+                    del live[session.key]
+                    session.reason = CloseReason.IDLE_TIMEOUT
+                    reaped.append(session)
+                    continue
+                later = int(deadline // res)
+                if later <= slot:
+                    later = slot + 1  # float rounding; see _file
+                target = get(later)
+                if target is None:
+                    wheel[later] = [session]
+                    heapq.heappush(slots, later)
                 else:
-                    self._file(session, deadline, after=slot)
+                    target.append(session)
         return reaped
 
     def _expire(self, session: Session, reaped: list[Session]) -> None:
+        # (reap() counts the IDLE_TIMEOUT closes for the whole call.)
         del self._live[session.key]
         session.reason = CloseReason.IDLE_TIMEOUT
-        self._closed[_IDLE_INDEX] += 1
         reaped.append(session)
 
     def _file(self, session: Session, deadline: float, after: int | None = None) -> None:
