@@ -368,3 +368,16 @@ async def test_serves_ipv6_too() -> None:
         assert await client.hello("v6") == b"OK"
         assert server.connections[0].peer[0] == "::1"
         await client.aclose()
+
+
+async def test_serve_accepts_anyio_multilistener() -> None:
+    from tests.lineapp import make_server
+
+    server = make_server(ServerConfig(**BASE))
+    multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve, multi)
+        client = await Client.connect(port)
+        assert await client.hello("multi") == b"OK"
+        await client.aclose()
+        await server.shutdown()
