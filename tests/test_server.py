@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import anyio
+import anyio.abc
 import pytest
 
 from keepconn import (
@@ -381,3 +382,19 @@ async def test_serve_accepts_anyio_multilistener() -> None:
         assert await client.hello("multi") == b"OK"
         await client.aclose()
         await server.shutdown()
+
+
+async def test_peer_reset_is_reported_as_such_beside_the_ping_task() -> None:
+    import socket
+    import struct
+
+    events: list[ServerEvent] = []
+    beat = ActiveHeartbeat(interval=5, timeout=1)
+    async with serving(ServerConfig(heartbeat=beat, **BASE), events=events) as (server, port):
+        client = await Client.connect(port)
+        assert await client.hello("resetter") == b"OK"
+        sock = client.stream.extra(anyio.abc.SocketAttribute.raw_socket)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await client.aclose()
+        await wait_for(lambda: bool(closes(events, CloseReason.PEER_RESET)))
+        assert not closes(events, CloseReason.APPLICATION)

@@ -415,8 +415,19 @@ def _errno_of(exc: BaseException) -> int | None:
     return None
 
 
+def _unwrap(exc: BaseException) -> BaseException:
+    """The one exception inside (nested) single-member exception groups: trio's nurseries wrap
+    a handler's exception when it runs beside the ping task."""
+    inner = getattr(exc, "exceptions", None)
+    while isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException):
+        exc = inner[0]
+        inner = getattr(exc, "exceptions", None)
+    return exc
+
+
 def _reason_for(exc: BaseException) -> tuple[CloseReason, str]:
     """Map what ended a connection to its close reason."""
+    exc = _unwrap(exc)
     if isinstance(exc, anyio.EndOfStream):
         return CloseReason.PEER_CLOSED, ""
     if isinstance(exc, ProtocolError):
@@ -685,7 +696,9 @@ class Server(Generic[F]):
                     reason, detail = _reason_for(exc)
                     if conn._reason is None:
                         conn._reason, conn._detail = reason, detail
-                    if reason is CloseReason.APPLICATION and not isinstance(exc, SessionClosed):
+                    if reason is CloseReason.APPLICATION and not isinstance(
+                        _unwrap(exc), SessionClosed
+                    ):
                         logger.exception("handler for %r failed", conn)
         finally:
             if in_hello:
