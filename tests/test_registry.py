@@ -138,11 +138,12 @@ def test_reap_called_mid_slot_is_exact() -> None:
     # after its deadline.
     registry = make(timeout=10, resolution=1)
     sessions = [registry.open(i, now=i * 0.1) for i in range(10)]  # deadlines 10.0 .. 10.9
-    assert registry.reap(10.35) == sessions[:4]
+    # (Within one slot the registry promises no order, so compare as sets.)
+    assert set(registry.reap(10.35)) == set(sessions[:4])
     assert registry.reap(10.35) == []
-    assert registry.reap(10.6) == sessions[4:7]
+    assert set(registry.reap(10.6)) == set(sessions[4:7])
     sessions[9].touch(5.0)
-    assert registry.reap(11.0) == sessions[7:9]
+    assert set(registry.reap(11.0)) == set(sessions[7:9])
     assert registry.reap(14.99) == []
     assert registry.reap(15.0) == [sessions[9]]
 

@@ -20,18 +20,18 @@ push onto a heap, cancel a timer or reorder a list. Deadlines are instead re-fil
   with nothing due is O(1) whatever the number of sessions.
 * Sessions may pick their own timeouts (MQTT clients each choose a keepalive): the slot is keyed
   by the deadline, so any mix of timeouts costs the same.
-* If reap is called while ``now`` lies *inside* a slot (not just at its end), that one slot is
-  turned into an exact heap of (deadline, session), so a session is reaped by the first call at or
-  after its deadline, never before. This keeps the promise "never later than deadline +
-  resolution" for callers that reap every ``resolution`` at arbitrary phases, while the adapter,
-  which sleeps until :meth:`next_deadline` (a slot's end), never pays for a heap.
+* If reap is called while ``now`` lies *inside* a slot (not just at its end), that slot is
+  scanned: due entries are reaped, the rest stay, and the smallest deadline among them is
+  remembered, so calls before it cost O(1) and a session is still reaped by the first call at or
+  after its deadline. This keeps the promise "never later than deadline + resolution" for callers
+  that reap every ``resolution`` at arbitrary phases. The adapter sleeps until
+  :meth:`next_deadline` (a slot's end) and so rarely scans a slot twice.
 * Closed sessions are left in their slot and skipped when it comes up (lazy deletion).
 """
 
 from __future__ import annotations
 
 import heapq
-import itertools
 import math
 from collections.abc import Hashable, Iterator, Mapping
 from typing import Any
@@ -134,9 +134,10 @@ class SessionRegistry:
         "_live",
         "_wheel",
         "_slots",
-        "_due",
-        "_due_slot",
-        "_seq",
+        "_scan_slot",
+        "_scan_rest",
+        "_scan_min",
+        "_scan_floor",
         "_opened",
         "_closed",
     )
@@ -153,9 +154,13 @@ class SessionRegistry:
         self._wheel: dict[int, list[Session]] = {}
         self._slots: list[int] = []
         # The slot that reap() found `now` inside, as an exact heap; see the module docstring.
-        self._due: list[tuple[float, int, Session]] = []
-        self._due_slot: int | None = None
-        self._seq = itertools.count()
+        # The slot `now` fell inside when reap() was last called (see the module docstring):
+        # entries of the current pass not yet due, their smallest deadline, and the smallest
+        # deadline of the slot's bucket once a pass is complete (-inf while one is unfinished).
+        self._scan_slot: int | None = None
+        self._scan_rest: list[Session] = []
+        self._scan_min = math.inf
+        self._scan_floor = -math.inf
         self._opened = 0
         self._closed = [0] * len(_REASONS)
 
@@ -234,13 +239,13 @@ class SessionRegistry:
         Calling it later than this delays reaping; calling it earlier is harmless. A returned
         time at or before ``now`` means work is due (for example after a reap with ``limit``).
         """
-        if self._due_slot is not None and self._due_slot in self._wheel:
-            # Part of the current slot is not on the exact heap yet: it may hold due sessions.
-            return self._due_slot * self._resolution
-        wake = (self._slots[0] + 1) * self._resolution if self._slots else None
-        if self._due and (wake is None or self._due[0][0] < wake):
-            return self._due[0][0]
-        return wake
+        if not self._slots:
+            return None
+        slot = self._slots[0]
+        if slot == self._scan_slot and self._scan_floor == -math.inf:
+            # A scan of this slot stopped at its limit: the rest may be due already.
+            return slot * self._resolution
+        return (slot + 1) * self._resolution
 
     def reap(self, now: float, limit: int | None = None) -> list[Session]:
         """Remove and return the sessions whose deadline has passed, closed with IDLE_TIMEOUT.
@@ -269,63 +274,31 @@ class SessionRegistry:
         wheel = self._wheel
         slots = self._slots
         live = self._live
-        while len(reaped) < budget and examined < cap:
-            due_slot = self._due_slot
-            if due_slot is not None:
-                pending = wheel.get(due_slot)
-                if pending is not None:
-                    # Still moving the slot `now` fell into onto the exact heap: a bounded
-                    # chunk per call, so a slot holding a million sessions cannot stall one.
-                    while pending and examined < cap:
-                        session = pending.pop()
-                        examined += 1
-                        if session.reason is None:
-                            self._file(session, session._last + session._timeout)
-                    if not pending:
-                        del wheel[due_slot]
-                        heapq.heappop(slots)  # due_slot is the smallest slot in the wheel
-                    continue
-                due = self._due
-                if not due:
-                    self._due_slot = None
-                    continue
-                if due[0][0] > now:
-                    if (due_slot + 1) * res > now:
-                        break
-                    # Only float rounding gets here: the slot has passed but an entry filed
-                    # into it is not due. Hand the rest back to the wheel and go on.
-                    self._due_slot, self._due = None, []
-                    for _, _, session in due:
-                        self._file(session, session._last + session._timeout, after=due_slot)
-                    continue
-                session = heapq.heappop(due)[2]
-                examined += 1
-                if session.reason is None:
-                    deadline = session._last + session._timeout
-                    if deadline <= now:
-                        self._expire(session, reaped)
-                    else:
-                        self._file(session, deadline)
-                continue
-            if not slots:
-                break
+        get = wheel.get
+        while slots and len(reaped) < budget and examined < cap:
             slot = slots[0]
             if slot * res > now:
                 break
-            if (slot + 1) * res > now:
-                # `now` is inside this slot: only part of it may be due, so order it exactly.
-                # Its entries move to the heap above (touched ones on to their later slot).
-                self._due_slot = slot
-                continue
-            heapq.heappop(slots)
-            bucket = wheel.pop(slot)
-            # The whole slot has passed: each entry is either expired or was touched since.
-            # This is the adapter's usual path, so _expire and _file are inlined here.
-            get = wheel.get
+            bucket = wheel[slot]
+            passed = (slot + 1) * res <= now
+            if slot == self._scan_slot:
+                if passed:
+                    # The slot is over: whatever an earlier scan kept goes through the full
+                    # pass below with the rest of the bucket.
+                    bucket.extend(self._scan_rest)
+                    self._end_scan()
+                elif self._scan_floor != -math.inf:
+                    if now < self._scan_floor:
+                        break  # the last scan found nothing due before _scan_floor
+                    self._scan_floor = -math.inf  # start another pass over what was kept
+            elif not passed:
+                self._scan_slot = slot
+                self._scan_floor = -math.inf
+            # Each entry is expired, was touched since it was filed here, or (inside the slot)
+            # is not due yet. This is the adapter's usual path, so expiry and re-filing are
+            # inlined rather than calls.
             while bucket:
                 if len(reaped) >= budget or examined >= cap:
-                    wheel[slot] = bucket
-                    heapq.heappush(slots, slot)
                     return reaped
                 session = bucket.pop()
                 examined += 1
@@ -339,35 +312,48 @@ class SessionRegistry:
                     continue
                 later = int(deadline // res)
                 if later <= slot:
-                    later = slot + 1  # float rounding; see _file
+                    if not passed:
+                        self._scan_rest.append(session)
+                        if deadline < self._scan_min:
+                            self._scan_min = deadline
+                        continue
+                    later = slot + 1  # float rounding put a later deadline in this slot
                 target = get(later)
                 if target is None:
                     wheel[later] = [session]
                     heapq.heappush(slots, later)
                 else:
                     target.append(session)
+            if passed or not self._scan_rest:
+                del wheel[slot]
+                heapq.heappop(slots)
+                if not passed:
+                    self._end_scan()
+            else:
+                # A pass inside the slot is complete: keep what is not due, remember its floor.
+                wheel[slot] = self._scan_rest
+                self._scan_floor = self._scan_min
+                self._scan_rest = []
+                self._scan_min = math.inf
         return reaped
 
-    def _expire(self, session: Session, reaped: list[Session]) -> None:
-        # (reap() counts the IDLE_TIMEOUT closes for the whole call.)
-        del self._live[session.key]
-        session.reason = CloseReason.IDLE_TIMEOUT
-        reaped.append(session)
-
-    def _file(self, session: Session, deadline: float, after: int | None = None) -> None:
+    def _file(self, session: Session, deadline: float) -> None:
         slot = int(deadline // self._resolution)
-        if after is not None and slot <= after:
-            # Float rounding can land a deadline just past a slot's end back inside it.
-            slot = after + 1
-        if self._due_slot is not None and slot <= self._due_slot:
-            heapq.heappush(self._due, (deadline, next(self._seq), session))
-            return
+        if slot == self._scan_slot and deadline < self._scan_floor:
+            # Lands in a slot that a finished scan believed had nothing due before its floor.
+            self._scan_floor = deadline
         bucket = self._wheel.get(slot)
         if bucket is None:
             self._wheel[slot] = [session]
             heapq.heappush(self._slots, slot)
         else:
             bucket.append(session)
+
+    def _end_scan(self) -> None:
+        self._scan_slot = None
+        self._scan_rest = []
+        self._scan_min = math.inf
+        self._scan_floor = -math.inf
 
     # -- statistics ----------------------------------------------------------------------------
 
