@@ -486,7 +486,11 @@ def test_no_close_wait_after_200_clients_close(
     status = gw.wait_status(lambda s: s["closed"]["PEER_CLOSED"] == 200)
     assert status["sessions"] == 0
     assert status["census"]["CLOSE_WAIT"] == 0
-    assert status["phantoms"] == {"established_without_session": 0, "close_wait": 0}
+    assert status["phantoms"] == {
+        "established_without_session": 0,
+        "close_wait": 0,
+        "unaccepted": 0,
+    }
     log.info("200 closes: no CLOSE_WAIT or ESTABLISHED left after %.0f ms", settled * 1000)
 
 
@@ -695,7 +699,11 @@ def test_status_page(start_gateway: Callable[..., RunningGateway]) -> None:
         assert set(status["closed"]) >= {"IDLE_TIMEOUT", "TAKEN_OVER", "HELLO_TIMEOUT"}
         assert status["census"]["ESTABLISHED"] == 1
         assert status["census"]["LISTEN"] == 1
-        assert status["phantoms"] == {"established_without_session": 0, "close_wait": 0}
+        assert status["phantoms"] == {
+            "established_without_session": 0,
+            "close_wait": 0,
+            "unaccepted": 0,
+        }
         base = f"http://127.0.0.1:{gw.status_port}"
         with urllib.request.urlopen(base + "/", timeout=5) as response:
             assert response.headers["Content-Type"].startswith("text/html")

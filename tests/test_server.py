@@ -293,6 +293,15 @@ async def test_census_agrees_with_the_registry() -> None:
         await wait_for(lambda: len(server.registry) == 30)
         await anyio.sleep(0.05)
         assert server_side_established(port) == len(server.registry) == 30
+        audit = await server.audit()
+        assert audit.established == audit.with_session == 30
+        assert audit.phantoms == audit.close_wait == audit.in_hello == 0
+        # A connection still in its hello is accounted for as such, not as a phantom.
+        lurker = await Client.connect(port)
+        await wait_for(lambda: server.stats().pending_hellos == 1)
+        audit = await server.audit()
+        assert (audit.established, audit.in_hello, audit.phantoms) == (31, 1, 0)
+        await lurker.aclose()
         for client in clients[20:]:
             await client.aclose()
 

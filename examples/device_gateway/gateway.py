@@ -94,7 +94,7 @@ from keepconn import (
     Server,
     ServerConfig,
 )
-from keepconn.tcp import TcpKeepalive, TcpState, census
+from keepconn.tcp import TcpKeepalive, TcpState
 
 __all__ = ["Gateway", "Users", "UsersFileError", "build_parser", "main", "topic_matches"]
 
@@ -455,17 +455,18 @@ class Gateway:
         port = self.port
         counts: dict[str, int] = {state.name: 0 for state in TcpState}
         census_error = None
+        audit = None
         if port is not None:
             try:
-                # /proc/net/tcp can be megabytes with a big fleet: read it off the event loop.
-                found = await anyio.to_thread.run_sync(census, port)
+                # Every server-side ESTABLISHED socket matched by inode to a session, a hello,
+                # a closing connection or the accept queue; read off the event loop.
+                audit = await self.server.audit()
             except OSError as exc:
                 census_error = str(exc)
             else:
-                counts.update(found.counts)
+                counts.update(audit.counts)
         stats = self.server.stats()
         sessions = len(self.server.registry)
-        established = counts.get("ESTABLISHED", 0)
         status: dict[str, Any] = {
             "sessions": sessions,
             "connections": stats.connections,
@@ -475,10 +476,12 @@ class Gateway:
             "closed": {reason.name: count for reason, count in stats.closed.items()},
             "census": counts,
             "phantoms": {
-                "established_without_session": max(
-                    0, established - sessions - stats.pending_hellos
+                # Owned by no live session, no hello and not in the accept queue.
+                "established_without_session": (
+                    0 if audit is None else audit.phantoms + audit.closing
                 ),
                 "close_wait": counts.get("CLOSE_WAIT", 0),
+                "unaccepted": 0 if audit is None else audit.unaccepted,
             },
             "telemetry_stored": self.recorder.stored,
             "subscriptions": sum(

@@ -48,6 +48,7 @@ from ._server import ServerConfig as ServerConfig
 from ._server import ServerEvent as ServerEvent
 from ._server import ServerStats as ServerStats
 from ._server import SessionTakenOver as SessionTakenOver
+from ._server import SocketAudit as SocketAudit
 
 __version__ = "0.1.0"
 
@@ -91,6 +92,7 @@ __all__ = [
     "SessionClosed",
     "SessionRegistry",
     "SessionTakenOver",
+    "SocketAudit",
     "TokenBucket",
     "Verdict",
     "VerdictKind",

@@ -59,6 +59,7 @@ __all__ = [
     "ServerEvent",
     "ServerStats",
     "SessionTakenOver",
+    "SocketAudit",
 ]
 
 logger = logging.getLogger("keepconn.server")
@@ -204,6 +205,32 @@ ServerEvent = ConnectionOpened | ConnectionClosed | SessionTakenOver | RoundTrip
 
 
 @attrs.frozen
+class SocketAudit:
+    """The kernel's table of the server's port(s), set against what the server knows.
+
+    Every server-side ESTABLISHED socket falls in exactly one bucket, matched by socket inode:
+    ``established == with_session + in_hello + closing + unaccepted + phantoms``.
+    """
+
+    #: Server-side ESTABLISHED sockets on the listening ports.
+    established: int
+    #: ... held by a connection with a live session.
+    with_session: int
+    #: ... held by a connection still in its hello.
+    in_hello: int
+    #: ... held by a connection the server is closing right now (a transient state).
+    closing: int
+    #: ... completed by the kernel but still in the accept queue (no process owns them yet).
+    unaccepted: int
+    #: ... owned by a process but by none of this server's connections: what must stay 0.
+    phantoms: int
+    #: CLOSE_WAIT sockets on the ports: a peer's FIN not yet answered.
+    close_wait: int
+    #: Every kernel state on the ports, by name.
+    counts: dict[str, int]
+
+
+@attrs.frozen
 class ServerStats:
     """A snapshot of a server's counters."""
 
@@ -252,6 +279,11 @@ class Connection(Generic[F]):
         self._peer_closed = False
         self._graceful = False
         self.opened_at = anyio.current_time()
+        try:
+            # The socket's inode ties the kernel's table (keepconn.tcp.census) to this object.
+            self._inode = os.fstat(self.raw_socket().fileno()).st_ino
+        except (OSError, ValueError, anyio.TypedAttributeLookupError):
+            self._inode = 0
         #: The peer's address as the socket reports it, e.g. ("127.0.0.1", 50312).
         self.peer: Any = _extra(stream, SocketAttribute.remote_address)
         #: Free for the application (protocol state, the device record, ...).
@@ -921,6 +953,45 @@ class Server(Generic[F]):
             await anyio.sleep(max(delay, 0.001))
 
     # -- observability
+
+    async def audit(self) -> SocketAudit:
+        """Read the kernel's socket table for the server's ports and account for every
+        ESTABLISHED socket (see :class:`SocketAudit`). Linux only; the table is read in a
+        worker thread because it can be megabytes with a large fleet."""
+        from .tcp import census
+
+        ports = {port for _, port in self.addresses}
+        table = await anyio.to_thread.run_sync(census)
+        owners = {conn._inode: conn for conn in self._connections}
+        counts: Counter[str] = Counter()
+        buckets: Counter[str] = Counter()
+        for row in table.sockets:
+            if row.local_port not in ports:
+                continue
+            counts[row.state] += 1
+            if row.state != "ESTABLISHED":
+                continue
+            conn = owners.get(row.inode) if row.inode else None
+            if row.inode == 0:
+                buckets["unaccepted"] += 1
+            elif conn is None:
+                buckets["phantoms"] += 1
+            elif conn._reason is not None:
+                buckets["closing"] += 1
+            elif conn._session is None:
+                buckets["in_hello"] += 1
+            else:
+                buckets["with_session"] += 1
+        return SocketAudit(
+            established=counts["ESTABLISHED"],
+            with_session=buckets["with_session"],
+            in_hello=buckets["in_hello"],
+            closing=buckets["closing"],
+            unaccepted=buckets["unaccepted"],
+            phantoms=buckets["phantoms"],
+            close_wait=counts["CLOSE_WAIT"],
+            counts=dict(counts),
+        )
 
     def _emit(self, event: ServerEvent) -> None:
         if self._on_event is not None:
