@@ -41,7 +41,13 @@ The simulator says so when it starts.
 Processes: one worker holds at most ``--per-worker`` devices (default 4000; the hard limit is
 20,000 descriptors per process and abandoned sockets also hold one each). Workers report JSON
 lines on stdout (a tick every half second, then per-device records) and take commands on stdin
-(``churn``, ``calm``, ``storm``, ``quit``).
+(``churn``, ``calm``, ``storm``, ``burst N FAULT``, ``quit``).
+
+Vanish reports (opt-in, for benchmarks that time the server's side): with ``Fleet(on_event=...)``
+every worker also reports each device connection the moment it has gone silent -- after the
+blackhole rules are in place, or after the aborted socket of a storm -- as ``{"kind": "vanish",
+"fault", "id", "addr", "port", "t"}``, where (addr, port) is the device's end of the 4-tuple as
+the server sees it and ``t`` is ``time.monotonic()`` (one clock for every process on the host).
 
 What it reports, per device and in aggregate: connect latency (TCP connect to CONNACK),
 takeover latency (the same for a reconnect after a reboot or storm, while the old connection is
@@ -71,7 +77,7 @@ import threading
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -567,7 +573,7 @@ class Device:
                     _close_gracefully(sock)
                     return "quit"
                 if self.fault is not None:
-                    await self.worker.abandon(sock, self.fault)
+                    await self.worker.abandon(sock, self.fault, self.record.client_id)
                     return self.fault
                 now = time.monotonic()
                 if ping_sent is not None and now - ping_sent > keepalive:
@@ -645,6 +651,7 @@ class Worker:
         self.ramp: float = spec["ramp"]
         self.id_prefix: str = spec["id_prefix"]
         self.cell: Cell | None = Cell(**spec["cell"]) if spec.get("cell") else None
+        self.report_vanish: bool = bool(spec.get("report_vanish", False))
         users = spec["users"]
         first = spec["first"]
         self.devices = [
@@ -673,24 +680,49 @@ class Worker:
             cmd = ["ip", "rule", action, "pref", _RULE_PREF, "ipproto", "tcp", direction]
             await anyio.run_process([*cmd, str(port), "blackhole"], check=False)
 
-    async def abandon(self, sock: socket.socket, fault: str) -> None:
+    async def abandon(self, sock: socket.socket, fault: str, client_id: str = "") -> None:
         """Make ``sock``'s connection vanish without a FIN (see the module doc for how)."""
         self.counts[fault] += 1
         if fault == "storm":
             self._storm_left -= 1
             if self._storm_left <= 0:
                 self._storm_dropped.set()
+        try:
+            addr, port = sock.getsockname()[:2]
+        except OSError:
+            addr, port = "", 0
         if fault == "storm" and self.cell is not None:
             # The cell's link is down: no route, so the RST of this abort never leaves.
             _abort(sock)
+            self._report_vanish(fault, client_id, addr, port)
             return
-        port = sock.getsockname()[1]
         silenced = False
         if self.cell is not None:
             await self._rules("add", port)
             silenced = True
+        # Reported only now: until the rules are in place the device could still be heard.
+        self._report_vanish(fault, client_id, addr, port)
         # Keep the socket open and never touch it again: closing would send a FIN.
         self.abandoned.append(_Abandoned(sock, port, time.monotonic(), silenced))
+
+    def _report_vanish(self, fault: str, client_id: str, addr: str, port: int) -> None:
+        if self.report_vanish and port:
+            _emit(
+                {
+                    "kind": "vanish",
+                    "fault": fault,
+                    "id": client_id,
+                    "addr": addr,
+                    "port": port,
+                    "t": time.monotonic(),
+                }
+            )
+
+    async def burst(self, count: int, fault: str) -> None:
+        """``count`` random online devices of this worker die at once with ``fault``."""
+        online = [d for d in self.devices if d.state == "online" and d.fault is None]
+        for device in self.rng.sample(online, min(count, len(online))):
+            device.strike(fault)
 
     async def retire_loop(self) -> None:
         """Close abandoned sockets once no correct gateway could still hold their connection."""
@@ -787,6 +819,11 @@ class Worker:
                 self.churning = False
             elif word == "storm":
                 await self.storm()
+            elif word.startswith("burst "):
+                # "burst N FAULT": a one-off wave of reboots or losses (benchmarks/churn.py).
+                _, count, fault = word.split()
+                if fault in ("reboot", "loss"):
+                    await self.burst(int(count), fault)
             elif word == "quit" or not line:
                 self.quitting = True
                 self.quit_event.set()
@@ -863,8 +900,13 @@ def _percentiles(values: list[float]) -> dict[str, float] | None:
 
 
 class _WorkerHandle:
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
+    def __init__(
+        self,
+        proc: subprocess.Popen[str],
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.proc = proc
+        self.on_event = on_event
         self.tick: dict[str, Any] = {}
         self.final: list[dict[str, Any]] | None = None
         self.done = threading.Event()
@@ -881,6 +923,8 @@ class _WorkerHandle:
                 self.tick = message
             elif message.get("kind") == "final":
                 self.final = message["devices"]
+            elif self.on_event is not None:
+                self.on_event(message)
         self.done.set()
 
     def send(self, word: str) -> None:
@@ -908,8 +952,12 @@ class Fleet:
         ramp: float = 3.0,
         seed: int = 1,
         id_prefix: str = "dev",
+        on_event: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        """``on_event`` (optional) is called, on a reader thread, with every worker message
+        that is neither a tick nor the final report: the vanish reports (module doc)."""
         self.devices = devices
+        self._on_event = on_event
         self.cells = list(cells)
         self.mode = "netns" if self.cells else "loopback"
         workers = max(1, math.ceil(devices / per_worker))
@@ -933,6 +981,7 @@ class Fleet:
                     "first": first,
                     "count": count,
                     "cell": attrs.asdict(self.cells[w]) if self.cells else None,
+                    "report_vanish": on_event is not None,
                 }
             )
             first += count
@@ -953,10 +1002,11 @@ class Fleet:
                 text=True,
                 bufsize=1,
             )
-            self._workers.append(_WorkerHandle(proc))
+            self._workers.append(_WorkerHandle(proc, self._on_event))
 
     def command(self, word: str) -> None:
-        """Send ``churn``, ``calm``, ``storm`` or ``quit`` to every worker."""
+        """Send ``churn``, ``calm``, ``storm``, ``burst N FAULT`` or ``quit`` to every worker
+        (a burst's N is per worker)."""
         for handle in self._workers:
             handle.send(word)
 
