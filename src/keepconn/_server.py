@@ -641,22 +641,28 @@ class Server(Generic[F]):
         config = self.config
         for listener in self._listeners:
             await listener.aclose()
-        conns = list(self._connections)
-        for conn in conns:
-            retry_after = jitter(config.shutdown_retry_after, config.shutdown_jitter, self._rng)
-            if self._goodbye is not None and conn.session is not None:
-                with anyio.move_on_after(min(1.0, config.shutdown_grace)):
-                    try:
-                        await self._goodbye(conn, retry_after)
-                    except Exception:  # a peer that cannot be told is aborted below anyway
-                        logger.debug("goodbye to %r failed", conn, exc_info=True)
-            await conn.shutdown(CloseReason.SHUTDOWN, config.shutdown_grace)
+        # Every peer is told at once: one dead peer with a full send buffer must not hold up
+        # the goodbyes of thousands of live ones.
+        async with anyio.create_task_group() as tasks:
+            for conn in list(self._connections):
+                tasks.start_soon(self._say_goodbye, conn)
         with anyio.move_on_after(config.shutdown_grace + 0.5):
             await self._idle.wait()
         for conn in list(self._connections):
             conn.close(CloseReason.SHUTDOWN, "aborted after grace")
         with anyio.move_on_after(1.0):
             await self._idle.wait()
+
+    async def _say_goodbye(self, conn: Connection[F]) -> None:
+        config = self.config
+        if self._goodbye is not None and conn.session is not None:
+            retry_after = jitter(config.shutdown_retry_after, config.shutdown_jitter, self._rng)
+            with anyio.move_on_after(min(1.0, config.shutdown_grace)):
+                try:
+                    await self._goodbye(conn, retry_after)
+                except Exception:  # a peer that cannot be told is aborted after the grace
+                    logger.debug("goodbye to %r failed", conn, exc_info=True)
+        await conn.shutdown(CloseReason.SHUTDOWN, config.shutdown_grace)
 
     # -- accepting
 
