@@ -24,8 +24,8 @@ demo: setup
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples docs
-	$(VENV)/bin/ruff format --check src tests benchmarks examples docs
+	$(VENV)/bin/ruff check src tests benchmarks examples docs/howto
+	$(VENV)/bin/ruff format --check src tests benchmarks examples docs/howto
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src
