@@ -1,0 +1,136 @@
+"""The storm benchmark's event-loop lag probe: one MQTT session that pings on a fixed schedule.
+
+Measured from outside the server, so the same method fits all three servers compared (none
+of which exposes its own loop lag): a PINGREQ leaves every ``interval`` seconds on a schedule
+that does not wait for answers, and each PINGRESP is matched to its PINGREQ in order (TCP keeps
+them in order and both gateways answer them in order). The lag of a ping is the time from its
+send to its answer: a loopback round trip (tens of microseconds) plus however long the server's
+event loop took to get to it. Sending on a schedule rather than after each answer means a
+2-second stall shows as a hundred samples sliding from 2 s down, not as one sample: the
+percentiles are time-weighted, free of coordinated omission.
+
+Run by benchmarks/storm.py: ``storm_probe.py HOST PORT USERNAME PASSWORD INTERVAL``. Prints
+``{"kind": "ready"}`` once the session is open, then, after ``quit`` (or EOF) on stdin, one line
+``{"kind": "samples", "sent": [...], "lag": [...], "lost": bool}`` (sent times are
+time.monotonic(), system-wide on Linux, so the coordinator can line them up with its own).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "device_gateway"))
+
+from mqtt_codec import Connack, Connect, Decoder, Pingreq, Pingresp, Role, encode  # noqa: E402
+
+CLIENT_ID = "storm-probe"
+#: Longer than any run: the probe must never be the session a server reaps for silence.
+KEEPALIVE = 600
+_PINGREQ = encode(Pingreq())
+
+
+def _connect(host: str, port: int, username: str, password: str) -> tuple[socket.socket, Decoder]:
+    # A server under admission control may refuse at a bad moment; the probe starts before the
+    # fleet, so a few tries are plenty.
+    for _ in range(20):
+        sock = socket.create_connection((host, port), timeout=10.0)
+        secret = password.encode()
+        hello = Connect(CLIENT_ID, keepalive=KEEPALIVE, username=username, password=secret)
+        sock.sendall(encode(hello))
+        decoder = Decoder(role=Role.CLIENT)
+        packets: list[object] = []
+        while not packets:
+            data = sock.recv(4096)
+            if not data:
+                break
+            packets = decoder.feed(data)
+        if packets and isinstance(packets[0], Connack) and packets[0].return_code == 0:
+            sock.settimeout(None)
+            return sock, decoder
+        sock.close()
+        time.sleep(0.5)
+    raise SystemExit("storm_probe: the server never accepted the probe")
+
+
+def main() -> None:
+    host, port, username, password, interval = sys.argv[1:6]
+    sock, decoder = _connect(host, int(port), username, password)
+    step = float(interval)
+    outstanding: collections.deque[float] = collections.deque()
+    sent: list[float] = []
+    lag: list[float] = []
+    stop = threading.Event()
+    lost = threading.Event()
+
+    def send_loop() -> None:
+        due = time.monotonic()
+        while not stop.is_set():
+            due += step
+            pause = due - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            else:
+                # Far behind (the probe itself was starved): skip ahead rather than burst.
+                due = time.monotonic()
+            # Recorded before the send so a send that blocks counts against the server.
+            outstanding.append(time.monotonic())
+            try:
+                sock.sendall(_PINGREQ)
+            except OSError:
+                lost.set()
+                return
+
+    def receive_loop() -> None:
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            now = time.monotonic()
+            if not data:
+                if not stop.is_set():
+                    lost.set()
+                return
+            for packet in decoder.feed(data):
+                if isinstance(packet, Pingresp) and outstanding:
+                    t = outstanding.popleft()
+                    sent.append(t)
+                    lag.append(now - t)
+
+    receiver = threading.Thread(target=receive_loop, daemon=True)
+    sender = threading.Thread(target=send_loop, daemon=True)
+    receiver.start()
+    sender.start()
+    print(json.dumps({"kind": "ready"}), flush=True)
+    for line in sys.stdin:
+        if line.strip() == "quit":
+            break
+    stop.set()
+    sender.join(5.0)
+    # Answers still in flight get a moment; pings the server never answered are left out
+    # (the coordinator reports the probe as lost if the session died).
+    time.sleep(min(1.0, 20 * step))
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    receiver.join(5.0)
+    sock.close()
+    n = len(lag)
+    print(
+        json.dumps(
+            {"kind": "samples", "sent": sent[:n], "lag": lag[:n], "lost": lost.is_set()},
+            separators=(",", ":"),
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
