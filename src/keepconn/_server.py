@@ -85,6 +85,16 @@ _ABORTIVE = frozenset(
     }
 )
 _LINGER_ZERO = struct.pack("ii", 1, 0)
+#: Hello-phase ends that are the peer's doing, counted by the per-address flapping detector.
+_PEER_ABORTS = frozenset(
+    {
+        CloseReason.HELLO_TIMEOUT,
+        CloseReason.AUTH_FAILED,
+        CloseReason.PROTOCOL_ERROR,
+        CloseReason.PEER_CLOSED,
+        CloseReason.PEER_RESET,
+    }
+)
 
 
 @attrs.frozen
@@ -278,6 +288,8 @@ class Connection(Generic[F]):
         self._policer: PingPolicer | None = None
         self._peer_closed = False
         self._graceful = False
+        self._eof_sent = False
+        self._send_lock = anyio.Lock()
         self.opened_at = anyio.current_time()
         try:
             # The socket's inode ties the kernel's table (keepconn.tcp.census) to this object.
@@ -354,8 +366,13 @@ class Connection(Generic[F]):
             raise StopAsyncIteration from None
 
     async def send(self, data: bytes) -> None:
-        """Send bytes to the peer."""
-        await self._stream.send(data)
+        """Send bytes to the peer. Callbacks must write through this method, never through
+        ``stream`` directly: the handler and the ping task may send at the same time, and
+        the lock keeps their frames whole."""
+        if self._eof_sent:
+            raise SessionClosed(f"connection is closing ({self._reason})")
+        async with self._send_lock:
+            await self._stream.send(data)
 
     # -- heartbeats
 
@@ -386,13 +403,15 @@ class Connection(Generic[F]):
     ) -> None:
         """Close gracefully: send FIN, keep reading for up to ``grace`` seconds so nothing the
         peer was still sending is lost (the handler keeps receiving), then close."""
-        if self._reason is None:
-            self._reason = reason
-        self._graceful = True
+        if self._reason is not None:
+            return  # already closing; the first decision stands
+        self._reason, self._graceful = reason, True
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
+        self._eof_sent = True
         try:
             await self._stream.send_eof()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, RuntimeError):
+            # (uvloop raises RuntimeError for a transport that closed underneath us.)
             self._scope.cancel()
 
     def _close_gracefully(self, reason: CloseReason, grace: float, detail: str = "") -> None:
@@ -400,6 +419,7 @@ class Connection(Generic[F]):
         if self._reason is not None:
             return
         self._reason, self._detail, self._graceful = reason, detail, True
+        self._eof_sent = True
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
         try:
             # Half-close on the socket itself: the stream API is async, and the reaper must not
@@ -455,6 +475,36 @@ def _unwrap(exc: BaseException) -> BaseException:
         exc = inner[0]
         inner = getattr(exc, "exceptions", None)
     return exc
+
+
+def _errors_in(exc: BaseException) -> list[Exception] | None:
+    """The ordinary exceptions inside ``exc`` (walking exception groups), leaving out
+    cancellation; None if it holds anything else that must propagate (KeyboardInterrupt...)."""
+    cancelled = anyio.get_cancelled_exc_class()
+    found: list[Exception] = []
+    pending: list[BaseException] = [exc]
+    while pending:
+        item = pending.pop()
+        members = getattr(item, "exceptions", None)
+        if isinstance(members, tuple):
+            pending.extend(m for m in members if isinstance(m, BaseException))
+        elif isinstance(item, cancelled):
+            continue
+        elif isinstance(item, Exception):
+            found.append(item)
+        else:
+            return None
+    return found
+
+
+def _reason_for_all(errors: list[Exception]) -> tuple[CloseReason, str]:
+    """One reason for several failures (the handler and the ping task may both see a reset):
+    the first that names a network or protocol reason, APPLICATION only if none does."""
+    found = [_reason_for(error) for error in errors]
+    for reason, detail in found:
+        if reason is not CloseReason.APPLICATION:
+            return reason, detail
+    return found[0]
 
 
 def _reason_for(exc: BaseException) -> tuple[CloseReason, str]:
@@ -588,8 +638,8 @@ class Server(Generic[F]):
         task_status: anyio.abc.TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve existing listeners until :meth:`shutdown` (which closes them)."""
-        if self._serving:
-            raise RuntimeError("this Server is already serving")
+        if self._serving or self._started.is_set():
+            raise RuntimeError("a Server serves once; make a new one to serve again")
         # One listener, anyio's MultiListener (what create_tcp_listener returns), or several.
         given: Iterable[Any] = (
             [listeners] if isinstance(listeners, anyio.abc.Listener) else listeners
@@ -689,14 +739,25 @@ class Server(Generic[F]):
                     continue
                 if code in (errno.ECONNABORTED, errno.EPROTO, errno.EPERM):
                     continue  # the peer gave up before we accepted; nothing to serve
-                raise
+                # Anything else: keep the live sessions, say so, and try again shortly.
+                self._accept_errors += 1
+                logger.error("accept failed unexpectedly: %r; pausing", exc)
+                await anyio.sleep(_ACCEPT_PAUSE)
+                continue
             self._accepted += 1
             tasks.start_soon(self._run, stream)
 
     # -- one connection
 
     async def _run(self, stream: anyio.abc.SocketStream) -> None:
-        conn = Connection(self, stream, self._framer())
+        try:
+            framer = self._framer()
+        except Exception:
+            logger.exception("framer factory failed; closing the new connection")
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        conn = Connection(self, stream, framer)
         if not self._connections:
             self._idle = anyio.Event()
         self._connections.add(conn)
@@ -730,19 +791,33 @@ class Server(Generic[F]):
                     if hello.welcome is not None:
                         await conn.send(hello.welcome)
                     await self._serve_session(conn)
-                except Exception as exc:
-                    reason, detail = _reason_for(exc)
+                except BaseException as exc:
+                    errors = _errors_in(exc)
+                    if errors is None:
+                        raise  # KeyboardInterrupt, SystemExit and the like are not ours
+                    if not errors:
+                        # Only cancellation. From outside (the task running serve(), Ctrl-C)
+                        # it means the server is going away; this connection's own scope
+                        # (close, max_age) has its reason already or gets it in _finish.
+                        if conn._reason is None and not conn._scope.cancel_called:
+                            conn._reason = CloseReason.SHUTDOWN
+                        raise
+                    # Errors, perhaps beside a cancellation in one group (trio reports a reset
+                    # seen by the handler together with the cancel of its ping task). The
+                    # task ends either way, so the cancellation need not travel further.
+                    reason, detail = _reason_for_all(errors)
                     if conn._reason is None:
                         conn._reason, conn._detail = reason, detail
-                    if reason is CloseReason.APPLICATION and not isinstance(
-                        _unwrap(exc), SessionClosed
+                    if reason is CloseReason.APPLICATION and not any(
+                        isinstance(error, SessionClosed) for error in errors
                     ):
-                        logger.exception("handler for %r failed", conn)
+                        logger.error("handler for %r failed", conn, exc_info=errors[0])
         finally:
             if in_hello:
                 self._end_hello(conn)
-                if self.address_flapping is not None:
-                    # Ended before its hello completed: what a scanner or a broken device does.
+                if self.address_flapping is not None and conn._reason in _PEER_ABORTS:
+                    # Ended before its hello completed, by the peer's doing: what a scanner or
+                    # a broken device does. Hellos the server shed or cut short do not count.
                     self.address_flapping.record_aborted(_host(conn.peer), anyio.current_time())
             with anyio.CancelScope(shield=True):
                 await self._finish(conn)
@@ -802,6 +877,11 @@ class Server(Generic[F]):
         return hello
 
     async def _open_session(self, conn: Connection[F], hello: Hello) -> bool:
+        if self._stopping.is_set() or conn._reason is not None:
+            # A hello that completes while the server shuts down (or while this connection is
+            # being closed) must not open a session, let alone take over a live one.
+            conn._reason = conn._reason or CloseReason.SHUTDOWN
+            return False
         now = anyio.current_time()
         identity = hello.identity
         old = self.registry.get(identity)
@@ -878,8 +958,13 @@ class Server(Generic[F]):
                 self._timed_out(conn, CloseReason.HEARTBEAT_TIMEOUT, detail)
                 return
             if action is PingAction.SEND_PING:
-                await send_ping(conn)
-                pinger.ping_sent(anyio.current_time())
+                # The ping counts as sent now, and its send gets no longer than its answer
+                # would: a peer whose buffers are full (stopped, or gone with data in flight)
+                # must still be declared dead on time, not when the send gives up.
+                now = anyio.current_time()
+                pinger.ping_sent(now)
+                with anyio.move_on_after(max(0.0, pinger.next_deadline() - now)):
+                    await send_ping(conn)
 
     def _default_reason(self, conn: Connection[F]) -> CloseReason:
         """The reason for a connection that ended without one being set explicitly."""
@@ -894,6 +979,10 @@ class Server(Generic[F]):
 
     def _timed_out(self, conn: Connection[F], reason: CloseReason, detail: str) -> None:
         if self.config.timeout_close == "graceful":
+            # The peer is declared dead now: its session ends now, so a reconnect during the
+            # grace is a fresh session (not a takeover) and it stops counting as live.
+            if conn._session is not None and conn._session.reason is None:
+                self.registry.close(conn._session, reason)
             conn._close_gracefully(reason, self.config.close_grace, detail)
         else:
             conn.close(reason, detail)
@@ -910,8 +999,9 @@ class Server(Generic[F]):
             elif session.reason is not reason and reason is not CloseReason.TAKEN_OVER:
                 # The registry decided first (reaped or taken over): its reason is the one.
                 reason = conn._reason = session.reason
-        if reason in _ABORTIVE and not (conn._graceful and conn._peer_closed):
-            # (A graceful close the peer answered with its own FIN ends cleanly instead.)
+        if (reason in _ABORTIVE or conn._graceful) and not (conn._graceful and conn._peer_closed):
+            # Dead and displaced peers get a RST; so does a graceful close whose grace ran out
+            # without the peer's FIN (a shutdown straggler): a FIN would sit in FIN_WAIT1.
             try:
                 conn.raw_socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
             except (OSError, ValueError, anyio.TypedAttributeLookupError):

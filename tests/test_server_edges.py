@@ -1,0 +1,174 @@
+"""Edge cases of the server runtime found in review: concurrent sends, a ping stuck on a full
+buffer, shutdown stragglers, cancellation, hellos during shutdown, graceful heartbeat closes."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from keepconn import (
+    ActiveHeartbeat,
+    CloseReason,
+    Connection,
+    LineFramer,
+    Server,
+    ServerConfig,
+    ServerEvent,
+    SessionTakenOver,
+)
+from keepconn.tcp import census
+from tests.lineapp import Client, closes, goodbye, identify, make_server, serving, wait_for
+
+pytestmark = pytest.mark.anyio
+BASE = dict(admission=None, flapping=None)
+
+
+def server_with(
+    handler: object, config: ServerConfig, events: list[ServerEvent], send_ping: object = None
+) -> Server[bytes]:
+    return Server(
+        identify=identify,
+        handler=handler,  # type: ignore[arg-type]
+        framer=lambda: LineFramer(max_length=1024),
+        config=config,
+        send_ping=send_ping,  # type: ignore[arg-type]
+        goodbye=goodbye,
+        on_event=events.append,
+    )
+
+
+async def test_handler_and_ping_task_can_send_at_once() -> None:
+    # The handler streams data while pings go out; the peer answers every ping.
+    events: list[ServerEvent] = []
+
+    async def streamer(conn: Connection[bytes]) -> None:
+        async with anyio.create_task_group() as tasks:
+
+            async def read() -> None:
+                async for line in conn:
+                    if line == b"PONG":
+                        conn.pong_received()
+
+            tasks.start_soon(read)
+            while True:
+                await conn.send(b"DATA " + b"x" * 2000 + b"\n")
+
+    async def ping(conn: Connection[bytes]) -> None:
+        await conn.send(b"PING\n")
+
+    beat = ActiveHeartbeat(interval=0.05, timeout=0.05, misses=3)
+    server = server_with(streamer, ServerConfig(heartbeat=beat, **BASE), events, ping)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        client = await Client.connect(port)
+        assert await client.hello("busy") == b"OK"
+        with anyio.move_on_after(1.5):
+            while True:
+                line = await client.line()
+                assert line == b"PING" or line.startswith(b"DATA x"), line[:20]
+                if line == b"PING":
+                    await client.send(b"PONG")
+        assert "busy" in server.registry
+        assert not closes(events, CloseReason.APPLICATION)
+        await client.aclose()
+        await server.shutdown()
+
+
+async def test_a_ping_stuck_on_a_full_buffer_still_declares_the_peer_dead() -> None:
+    events: list[ServerEvent] = []
+    big = b"PING" + b" " * (32 << 20) + b"\n"  # application backlog filling the buffers
+
+    async def ping(conn: Connection[bytes]) -> None:
+        await conn.send(big)
+
+    async def idle(conn: Connection[bytes]) -> None:
+        await anyio.sleep_forever()
+
+    beat = ActiveHeartbeat(interval=0.2, timeout=0.2, misses=1)
+    server = server_with(idle, ServerConfig(heartbeat=beat, **BASE), events, ping)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        client = await Client.connect(port)
+        assert await client.hello("stopped") == b"OK"  # and never reads again
+        started = time.monotonic()
+        await wait_for(lambda: bool(closes(events, CloseReason.HEARTBEAT_TIMEOUT)), timeout=5)
+        assert time.monotonic() - started <= beat.detection_bound + 0.5
+        await client.aclose()
+        await server.shutdown()
+
+
+async def test_shutdown_stragglers_are_reset_not_left_in_fin_wait1() -> None:
+    events: list[ServerEvent] = []
+
+    async def backlog(conn: Connection[bytes]) -> None:
+        await conn.send(b"X" * (32 << 20))  # a stuck device with a backlog
+
+    config = ServerConfig(shutdown_grace=0.3, **BASE)
+    server = server_with(backlog, config, events)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        client = await Client.connect(port)
+        assert await client.hello("stuck") == b"OK"  # then never reads
+        await anyio.sleep(0.2)
+        await server.shutdown()
+    await anyio.sleep(0.1)
+    table = census(port)
+    assert table.counts.get("FIN_WAIT1", 0) == 0, table.counts
+    assert [e.reason for e in closes(events, CloseReason.SHUTDOWN)] == [CloseReason.SHUTDOWN]
+    await client.aclose()
+
+
+async def test_cancelling_serve_closes_connections_as_shutdown() -> None:
+    events: list[ServerEvent] = []
+    server = make_server(ServerConfig(**BASE), events)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        live = await Client.connect(port)
+        assert await live.hello("dev1") == b"OK"
+        lurker = await Client.connect(port)
+        await wait_for(lambda: server.stats().pending_hellos == 1)
+        tasks.cancel_scope.cancel()
+    reasons = sorted(str(e.identity) for e in closes(events, CloseReason.SHUTDOWN))
+    assert reasons == ["None", "dev1"]
+    assert not closes(events, CloseReason.APPLICATION)
+    await live.aclose()
+    await lurker.aclose()
+
+
+async def test_a_hello_completed_during_shutdown_takes_nothing_over() -> None:
+    events: list[ServerEvent] = []
+    server = make_server(ServerConfig(shutdown_grace=1.0, **BASE), events)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        incumbent = await Client.connect(port)
+        assert await incumbent.hello("dev") == b"OK"
+        late = await Client.connect(port)
+        await wait_for(lambda: server.stats().pending_hellos == 1)
+        tasks.start_soon(server.shutdown)
+        assert (await incumbent.line()).startswith(b"GOAWAY ")
+        await late.send(b"HELLO dev secret")
+        await anyio.sleep(0.2)
+        assert not [e for e in events if isinstance(e, SessionTakenOver)]
+        assert not closes(events, CloseReason.TAKEN_OVER)
+        await incumbent.aclose()
+        await late.aclose()
+
+
+async def test_graceful_heartbeat_close_ends_the_session_at_once() -> None:
+    events: list[ServerEvent] = []
+    beat = ActiveHeartbeat(interval=0.2, timeout=0.15)
+    config = ServerConfig(heartbeat=beat, timeout_close="graceful", close_grace=2.0, **BASE)
+    async with serving(config, events=events) as (server, port):
+        quiet = await Client.connect(port)
+        assert await quiet.hello("dev") == b"OK"  # never answers a ping
+        await wait_for(lambda: "dev" not in server.registry, timeout=3)
+        # Declared dead: a reconnect during the grace is a fresh session, not a takeover.
+        again = await Client.connect(port)
+        assert await again.hello("dev") == b"OK"
+        assert server.stats().takeovers == 0
+        await wait_for(lambda: bool(closes(events, CloseReason.HEARTBEAT_TIMEOUT)), timeout=4)
+        assert not closes(events, CloseReason.TAKEN_OVER)
+        await quiet.aclose()
+        await again.aclose()
