@@ -83,6 +83,10 @@ PROBE = ROOT / "benchmarks" / "storm_probe.py"
 PER_WORKER = 4000
 SAMPLE = 0.5
 PROBE_INTERVAL = 0.02
+#: Seconds between GET /status. Not more often: the keepconn gateway's status page parses the
+#: kernel's socket table on every request (tens of milliseconds of its CPU at 30,000 sockets),
+#: a cost the naive gateway's page does not have, which would bias the loop-lag comparison.
+STATUS_EVERY = 5.0
 #: The naive gateway's sweep interval (its default), part of the settle time.
 NAIVE_SWEEP = 5.0
 TIMEOUT_REASONS = ("IDLE_TIMEOUT", "HEARTBEAT_TIMEOUT", "KEEPALIVE_TIMEOUT")
@@ -320,7 +324,8 @@ class Probe:
 
 
 class StatusPoller:
-    """GET /status once a second on its own thread, so a stalled server never stalls sampling."""
+    """GET /status every STATUS_EVERY seconds on its own thread, so a stalled server never
+    stalls sampling."""
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -335,7 +340,7 @@ class StatusPoller:
             status = self.server.status()
             if status is not None:
                 self.samples.append((time.monotonic(), status))
-            self._stop.wait(max(0.0, 1.0 - (time.monotonic() - started)))
+            self._stop.wait(max(0.0, STATUS_EVERY - (time.monotonic() - started)))
 
     def stop(self) -> None:
         self._stop.set()
@@ -434,6 +439,7 @@ def run_one(
                 # About 50 ms of parsing at 30,000 sockets: once a second is plenty.
                 # Only the server's end: a device socket whose ephemeral port happens to equal
                 # the server's port has the same local port but a 127.0.1.x address.
+                census_started = time.monotonic()
                 found = Counter(
                     row.state for row in census(port).sockets if row.local_address == "127.0.0.1"
                 )
@@ -441,6 +447,7 @@ def run_one(
                     "established": found["ESTABLISHED"],
                     "close_wait": found["CLOSE_WAIT"],
                 }
+                row["census_ms"] = 1000.0 * (time.monotonic() - census_started)
                 next_census = now + 1.0
                 row.update(last_census)
                 # Everything ESTABLISHED that no device holds as live or connecting, and that is
@@ -496,6 +503,11 @@ def run_one(
             probe.lines.stop()
         if server is not None:
             server.stop()
+    if final_status is None and poller.samples:
+        # A server out of descriptors cannot accept its status connection either: use the last
+        # answer it gave.
+        notes.append("the final /status failed; figures use the last one that answered")
+        final_status = poller.samples[-1][1]
     return summarise(
         contender, params, marks, samples, poller.samples, final_status, finals, probe_data, notes
     )
@@ -514,7 +526,9 @@ def summarise(
 ) -> dict[str, Any]:
     """Figures and timelines of one run (times relative to the cut)."""
     cut, storm_end, settled = marks["cut"], marks["storm_end"], marks["settled"]
-    back_after = [b for f in finals for b in f["back_after"] if b is not None]
+    # Back before the census at the end of settling; later ones rode on the fleet's shutdown.
+    limit = settled - cut
+    back_after = [b for f in finals for b in f["back_after"] if b is not None and b <= limit]
     all_back = len(back_after) == params.devices and len(finals) == params.workers
     failures: Counter[str] = Counter()
     for f in finals:
@@ -573,6 +587,8 @@ def summarise(
         "rss_peak_mb": _round(max((r.get("rss", 0) for r in samples), default=0) / 2**20),
         "rss_end_mb": _round(samples[-1].get("rss", 0) / 2**20) if samples else None,
         "fds_peak": max((r.get("fds", 0) for r in samples), default=0),
+        # What one read of the kernel's table costs (here, in the coordinator) at this size.
+        "census_ms_max": _round(max((r.get("census_ms", 0.0) for r in census_rows), default=None)),
         "false_reaps": sum(f["live_drops"] for f in finals),
         "server_timeout_closes": server_timeouts,
         "phantom_established_end": last.get("phantom_established"),
@@ -784,6 +800,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the comparison and report it."""
     args = _parse(argv)
     params = _params(args)
+
+    def terminated(signum: int, frame: object) -> None:
+        # SIGTERM would otherwise end the interpreter without the finally blocks that stop the
+        # server, the probe and the device workers by their pids.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     problem = _check_ports(params)
     if problem:
         print(f"storm.py: {problem}", file=sys.stderr)

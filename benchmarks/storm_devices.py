@@ -260,7 +260,9 @@ class Device:
                 continue
             worker.connacks += 1
             self.backoff.reset()
-            if self.cut_at is not None and self.back_at is None:
+            # A CONNACK that lands while the fleet shuts down (the server freed descriptors as
+            # devices left) is not a recovery from the storm.
+            if self.cut_at is not None and self.back_at is None and not worker.quitting:
                 self.back_at = time.monotonic()
                 worker.back += 1
             ended = await self.serve()
