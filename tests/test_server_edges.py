@@ -12,6 +12,7 @@ from keepconn import (
     ActiveHeartbeat,
     CloseReason,
     Connection,
+    Hello,
     LineFramer,
     Server,
     ServerConfig,
@@ -172,3 +173,43 @@ async def test_graceful_heartbeat_close_ends_the_session_at_once() -> None:
         assert not closes(events, CloseReason.TAKEN_OVER)
         await quiet.aclose()
         await again.aclose()
+
+
+async def test_a_stale_hello_from_a_peer_that_gave_up_takes_nothing_over() -> None:
+    # In a storm the server may read a hello long after it was sent; by then the device may
+    # have given up on that connection and be live on a newer one, which must survive.
+    events: list[ServerEvent] = []
+
+    async def laggy_identify(conn: Connection[bytes]) -> Hello:
+        parts = (await conn.receive()).split()
+        if parts[-1] == b"lag":
+            await anyio.sleep(0.3)  # the server is behind
+        return Hello(parts[1].decode(), welcome=b"OK\n")
+
+    async def handler(conn: Connection[bytes]) -> None:
+        async for line in conn:
+            await conn.send(b"ACK " + line + b"\n")
+
+    server = Server(
+        identify=laggy_identify,
+        handler=handler,
+        framer=LineFramer,
+        config=ServerConfig(**BASE),
+        on_event=events.append,
+    )
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        stale = await Client.connect(port)
+        await stale.send(b"HELLO dev lag")
+        await anyio.sleep(0.05)
+        await stale.aclose()  # the device gives up on it ...
+        fresh = await Client.connect(port)
+        assert await fresh.hello("dev") == b"OK"  # ... and is live on a new connection
+        await anyio.sleep(0.5)
+        assert not [e for e in events if isinstance(e, SessionTakenOver)]
+        await fresh.send(b"still")
+        assert await fresh.line() == b"ACK still"
+        [gone] = closes(events, CloseReason.PEER_CLOSED)
+        assert gone.identity is None and "before its hello" in gone.detail
+        await fresh.aclose()
+        await server.shutdown()

@@ -450,6 +450,27 @@ def _half_close(sock: socket.socket) -> None:
             dup.shutdown(socket.SHUT_WR)
 
 
+#: TCP states in which the peer has closed or reset its side (Linux's tcp_states.h numbering):
+#: CLOSE, CLOSE_WAIT, LAST_ACK.
+_PEER_GONE_STATES = frozenset({7, 8, 9})
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+
+def _peer_gone(conn: Connection[Any]) -> bool:
+    """Whether the kernel already knows the peer closed or reset this connection.
+
+    One getsockopt(TCP_INFO) asking for just its first byte (the state); False where TCP_INFO
+    does not exist, so other platforms simply skip the check.
+    """
+    if _TCP_INFO is None:
+        return False
+    try:
+        state = conn.raw_socket().getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except (OSError, ValueError, anyio.TypedAttributeLookupError):
+        return True  # the socket is already gone
+    return bool(state) and state[0] in _PEER_GONE_STATES
+
+
 def _host(peer: Any) -> Any:
     """The host part of a socket address (the whole thing if it is not a tuple)."""
     return peer[0] if isinstance(peer, tuple) and peer else peer
@@ -881,6 +902,12 @@ class Server(Generic[F]):
             # A hello that completes while the server shuts down (or while this connection is
             # being closed) must not open a session, let alone take over a live one.
             conn._reason = conn._reason or CloseReason.SHUTDOWN
+            return False
+        if _peer_gone(conn):
+            # A hello read long after it was sent (the server was behind in a storm) from a
+            # peer that has since given up: it must not open a session, and above all not take
+            # over the live session that same device has opened on a newer connection.
+            conn._reason, conn._detail = CloseReason.PEER_CLOSED, "gone before its hello was read"
             return False
         now = anyio.current_time()
         identity = hello.identity
