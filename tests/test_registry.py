@@ -306,3 +306,20 @@ def test_a_limited_reap_inside_a_slot_moves_only_a_bounded_chunk() -> None:
     assert sorted(got) == list(range(501))  # deadlines up to and including 10.2
     assert calls >= 1000 // 20
     assert len(registry.reap(10.3996)) == 499
+
+
+def test_spare_keeps_a_due_session_open_as_if_touched_now() -> None:
+    registry = make(timeout=10, resolution=1)
+    alive = registry.open("behind", now=0.0)
+    dead = registry.open("dead", now=0.0)
+    asked: list[object] = []
+
+    def spare(session: object) -> bool:
+        asked.append(session)
+        return session is alive
+
+    assert registry.reap(11.0, spare=spare) == [dead]
+    assert alive.open and alive.last_seen == 11.0 and set(asked) == {alive, dead}
+    assert registry.reap(20.9, spare=spare) == []
+    assert registry.reap(21.0) == [alive]  # no longer spared: reaped one timeout later
+    assert registry.stats().closed[CloseReason.IDLE_TIMEOUT] == 2

@@ -213,3 +213,34 @@ async def test_a_stale_hello_from_a_peer_that_gave_up_takes_nothing_over() -> No
         assert gone.identity is None and "before its hello" in gone.detail
         await fresh.aclose()
         await server.shutdown()
+
+
+async def test_a_peer_whose_bytes_wait_unread_is_not_reaped_when_the_server_is_behind() -> None:
+    # The handler is busy (a slow database, a stalled loop) while the peer keeps pinging:
+    # the pings sit unread in the kernel, so the session looks silent but the peer is alive.
+    events: list[ServerEvent] = []
+
+    async def busy(conn: Connection[bytes]) -> None:
+        async for line in conn:
+            if line == b"WORK":
+                await anyio.sleep(1.2)  # far past the 0.4 s timeout
+            await conn.send(b"ACK " + line + b"\n")
+
+    config = ServerConfig(idle_timeout=0.4, resolution=0.05, **BASE)
+    server = server_with(busy, config, events)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        client = await Client.connect(port)
+        assert await client.hello("worker") == b"OK"
+        await client.send(b"WORK")
+        for _ in range(10):
+            await anyio.sleep(0.15)
+            await client.send(b"PING")
+        assert await client.line() == b"ACK WORK"
+        assert not closes(events, CloseReason.IDLE_TIMEOUT)
+        assert server.stats().spared >= 1
+        assert "worker" in server.registry
+        # Once the peer really falls silent it is reaped as usual.
+        await wait_for(lambda: bool(closes(events, CloseReason.IDLE_TIMEOUT)), timeout=5)
+        await client.aclose()
+        await server.shutdown()

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import attrs
@@ -247,19 +247,32 @@ class SessionRegistry:
             return slot * self._resolution
         return (slot + 1) * self._resolution
 
-    def reap(self, now: float, limit: int | None = None) -> list[Session]:
+    def reap(
+        self,
+        now: float,
+        limit: int | None = None,
+        *,
+        spare: Callable[[Session], bool] | None = None,
+    ) -> list[Session]:
         """Remove and return the sessions whose deadline has passed, closed with IDLE_TIMEOUT.
 
         With ``limit``, at most that many are returned (and at most twice that many wheel
         entries examined), so one call stays short however many sessions expire together; the
         rest stay due for the next call.
+
+        ``spare`` is asked about each session that is due; True keeps it open as if touched at
+        ``now``. The adapter uses it to ask the kernel whether the peer did send something that
+        the application has not read yet (the server is behind, the peer is not dead): the
+        registry itself stays free of I/O.
         """
-        reaped = self._reap(now, limit)
+        reaped = self._reap(now, limit, spare)
         # Counted once per call rather than per session on the hot loop.
         self._closed[_IDLE_INDEX] += len(reaped)
         return reaped
 
-    def _reap(self, now: float, limit: int | None) -> list[Session]:
+    def _reap(
+        self, now: float, limit: int | None, spare: Callable[[Session], bool] | None
+    ) -> list[Session]:
         if limit is None:
             budget = math.inf
             cap = math.inf
@@ -306,10 +319,13 @@ class SessionRegistry:
                     continue
                 deadline = session._last + session._timeout
                 if deadline <= now:
-                    del live[session.key]
-                    session.reason = CloseReason.IDLE_TIMEOUT
-                    reaped.append(session)
-                    continue
+                    if spare is None or not spare(session):
+                        del live[session.key]
+                        session.reason = CloseReason.IDLE_TIMEOUT
+                        reaped.append(session)
+                        continue
+                    session._last = now
+                    deadline = now + session._timeout
                 later = int(deadline // res)
                 if later <= slot:
                     if not passed:

@@ -21,6 +21,7 @@ import os
 import random
 import socket
 import struct
+import sys
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
@@ -256,6 +257,8 @@ class ServerStats:
     closed: dict[CloseReason, int]
     #: Takeovers since start.
     takeovers: int
+    #: Due sessions kept open because their peer's bytes were waiting unread (server behind).
+    spared: int
     #: The session registry's own snapshot.
     registry: RegistryStats
     #: Admission control's counters (None when it is off).
@@ -455,6 +458,14 @@ def _half_close(sock: socket.socket) -> None:
 _PEER_GONE_STATES = frozenset({7, 8, 9})
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 
+try:  # Unix: how many received bytes wait unread in a socket (SIOCINQ)
+    import fcntl
+    import termios
+
+    _FIONREAD: int | None = termios.FIONREAD
+except ImportError:  # pragma: no cover - Windows
+    _FIONREAD = None
+
 
 def _peer_gone(conn: Connection[Any]) -> bool:
     """Whether the kernel already knows the peer closed or reset this connection.
@@ -469,6 +480,18 @@ def _peer_gone(conn: Connection[Any]) -> bool:
     except (OSError, ValueError, anyio.TypedAttributeLookupError):
         return True  # the socket is already gone
     return bool(state) and state[0] in _PEER_GONE_STATES
+
+
+def _unread_bytes(conn: Connection[Any]) -> int:
+    """Bytes the kernel has received on the connection that nobody has read (FIONREAD); 0
+    where the ioctl is not available."""
+    if _FIONREAD is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(conn.raw_socket().fileno(), _FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError, anyio.TypedAttributeLookupError):
+        return 0
+    return int.from_bytes(raw, sys.byteorder, signed=True)
 
 
 def _host(peer: Any) -> Any:
@@ -612,6 +635,7 @@ class Server(Generic[F]):
         self._accept_errors = 0
         self._closed: Counter[CloseReason] = Counter()
         self._takeovers = 0
+        self._spared = 0
         self._listeners: list[anyio.abc.SocketListener] = []
         self._stopping = anyio.Event()
         self._idle = anyio.Event()
@@ -1062,7 +1086,7 @@ class Server(Generic[F]):
         batch = self.config.reap_batch
         while True:
             now = anyio.current_time()
-            for session in registry.reap(now, limit=batch):
+            for session in registry.reap(now, limit=batch, spare=self._behind_on):
                 conn: Connection[F] = session.conn
                 self._timed_out(
                     conn, CloseReason.IDLE_TIMEOUT, f"silent for {now - session.last_seen:.2f} s"
@@ -1074,6 +1098,20 @@ class Server(Generic[F]):
                 continue
             delay = registry.resolution if wake is None else min(registry.resolution, wake - now)
             await anyio.sleep(max(delay, 0.001))
+
+    def _behind_on(self, session: Session) -> bool:
+        """Whether a session that is due has in fact sent bytes we have not read yet.
+
+        Then the peer is alive and the server is behind (an event loop stalled in a storm):
+        reaping it would be a false reap. Asked of the kernel (FIONREAD) only for sessions
+        that are due, so it costs nothing on the hot path.
+        """
+        conn: Connection[F] = session.conn
+        if _unread_bytes(conn) <= 0:
+            return False
+        self._spared += 1
+        logger.debug("spared %r: unread bytes wait in the kernel", conn)
+        return True
 
     # -- observability
 
@@ -1138,6 +1176,7 @@ class Server(Generic[F]):
             accept_errors=self._accept_errors,
             closed={reason: self._closed[reason] for reason in CloseReason},
             takeovers=self._takeovers,
+            spared=self._spared,
             registry=self.registry.stats(),
             admission=None if self.admission is None else self.admission.stats(now),
             flapping=None if self.flapping is None else self.flapping.stats(now),
