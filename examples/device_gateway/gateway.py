@@ -476,13 +476,26 @@ class Gateway:
             "closed": {reason.name: count for reason, count in stats.closed.items()},
             "census": counts,
             "phantoms": {
-                # Owned by no live session, no hello and not in the accept queue.
-                "established_without_session": (
-                    0 if audit is None else audit.phantoms + audit.closing
-                ),
+                # Owned by no connection of the server at all (closing ones, a transient, are
+                # in "audit").
+                "established_without_session": 0 if audit is None else audit.phantoms,
                 "close_wait": counts.get("CLOSE_WAIT", 0),
                 "unaccepted": 0 if audit is None else audit.unaccepted,
             },
+            # Where every server-side ESTABLISHED socket stands (Server.audit()).
+            "audit": {
+                key: getattr(audit, key)
+                for key in (
+                    "established",
+                    "with_session",
+                    "in_hello",
+                    "closing",
+                    "unaccepted",
+                    "phantoms",
+                )
+            }
+            if audit is not None
+            else {},
             "telemetry_stored": self.recorder.stored,
             "subscriptions": sum(
                 len(device.subscriptions) for live in self._devices.values() for device in live

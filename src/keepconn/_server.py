@@ -1122,8 +1122,13 @@ class Server(Generic[F]):
         from .tcp import census
 
         ports = {port for _, port in self.addresses}
+        # The table is read while connections come and go: a connection known before the read
+        # or after it owns its row (one that finished in between is counted as closing).
+        before = {conn._inode: conn for conn in self._connections}
         table = await anyio.to_thread.run_sync(census)
         owners = {conn._inode: conn for conn in self._connections}
+        for inode, known in before.items():
+            owners.setdefault(inode, known)
         counts: Counter[str] = Counter()
         buckets: Counter[str] = Counter()
         for row in table.sockets:
@@ -1132,14 +1137,14 @@ class Server(Generic[F]):
             counts[row.state] += 1
             if row.state != "ESTABLISHED":
                 continue
-            conn = owners.get(row.inode) if row.inode else None
+            owner = owners.get(row.inode) if row.inode else None
             if row.inode == 0:
                 buckets["unaccepted"] += 1
-            elif conn is None:
+            elif owner is None:
                 buckets["phantoms"] += 1
-            elif conn._reason is not None:
+            elif owner._reason is not None or owner not in self._connections:
                 buckets["closing"] += 1
-            elif conn._session is None:
+            elif owner._session is None:
                 buckets["in_hello"] += 1
             else:
                 buckets["with_session"] += 1
