@@ -95,6 +95,7 @@ from keepconn import (
     ServerConfig,
 )
 from keepconn.tcp import TcpKeepalive, TcpState
+from topics import SubscriptionIndex, topic_matches
 
 __all__ = ["Gateway", "Users", "UsersFileError", "build_parser", "main", "topic_matches"]
 
@@ -168,20 +169,6 @@ class Users:
 # Topics and per-connection state.
 
 
-def topic_matches(topic_filter: str, topic: str) -> bool:
-    """Whether ``topic`` matches ``topic_filter`` (``+`` one level, ``#`` the rest; a filter
-    starting with a wildcard does not match a ``$`` topic, MQTT-4.7.2-1)."""
-    if topic.startswith("$") and topic_filter[:1] in ("+", "#"):
-        return False
-    levels = topic.split("/")
-    for index, want in enumerate(topic_filter.split("/")):
-        if want == "#":
-            return True
-        if index >= len(levels) or (want != "+" and want != levels[index]):
-            return False
-    return len(levels) == len(topic_filter.split("/"))
-
-
 @attrs.define(eq=False)
 class Device:
     """What the gateway keeps about one live MQTT connection (``conn.context``)."""
@@ -207,14 +194,6 @@ class Device:
         """The next packet identifier for a QoS 1 delivery (1..65535, wrapping)."""
         self._next_id = self._next_id % 65535 + 1
         return self._next_id
-
-    def granted(self, topic: str) -> int | None:
-        """The highest QoS granted by a subscription matching ``topic``, or None."""
-        best: int | None = None
-        for topic_filter, qos in self.subscriptions.items():
-            if topic_matches(topic_filter, topic) and (best is None or qos > best):
-                best = qos
-        return best
 
 
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +234,8 @@ class Gateway:
         )
         #: Live sessions by username: deliveries never cross users.
         self._devices: dict[str, set[Device]] = {}
+        #: Each user's subscriptions, indexed by topic filter.
+        self._subscriptions: dict[str, SubscriptionIndex[Device]] = {}
         self.started = time.monotonic()
         self.port: int | None = None
         #: Messages delivered to subscribers, and those dropped because the subscriber lagged.
@@ -342,8 +323,13 @@ class Gateway:
                 )
         finally:
             users_devices.discard(device)
+            index = self._subscriptions.get(device.username)
+            if index is not None:
+                for topic_filter in device.subscriptions:
+                    index.remove(device, topic_filter)
             if not users_devices:
                 self._devices.pop(device.username, None)
+                self._subscriptions.pop(device.username, None)
             self._publish_will(conn, device)
         if failure is not None:
             raise failure
@@ -359,13 +345,16 @@ class Gateway:
                 await device.outbox.send(encode(Pingresp()))
             elif isinstance(packet, Subscribe):
                 granted = []
+                index = self._subscriptions.setdefault(device.username, SubscriptionIndex())
                 for topic_filter, qos in packet.topics:
                     device.subscriptions[topic_filter] = min(qos, MAX_QOS)
+                    index.add(device, topic_filter, min(qos, MAX_QOS))
                     granted.append(min(qos, MAX_QOS))
                 await device.outbox.send(encode(Suback(packet.packet_id, granted)))
             elif isinstance(packet, Unsubscribe):
                 for topic_filter in packet.topic_filters:
-                    device.subscriptions.pop(topic_filter, None)
+                    if device.subscriptions.pop(topic_filter, None) is not None:
+                        self._subscriptions[device.username].remove(device, topic_filter)
                 await device.outbox.send(encode(Unsuback(packet.packet_id)))
             elif isinstance(packet, Puback):
                 # The device acknowledges a QoS 1 delivery. Sessions are not persisted, so there
@@ -407,10 +396,10 @@ class Gateway:
     def _deliver(self, username: str, topic: str, payload: bytes, qos: int) -> None:
         """Send a message to every session of ``username`` subscribed to ``topic``. Never waits:
         a subscriber whose queue is full misses the message (counted in ``dropped``)."""
-        for device in self._devices.get(username, ()):
-            granted = device.granted(topic)
-            if granted is None:
-                continue
+        index = self._subscriptions.get(username)
+        if index is None:
+            return
+        for device, granted in index.match(topic).items():
             out_qos = min(qos, granted)
             packet = Publish(
                 topic, payload, qos=out_qos, packet_id=device.packet_id() if out_qos else None
@@ -497,9 +486,7 @@ class Gateway:
             if audit is not None
             else {},
             "telemetry_stored": self.recorder.stored,
-            "subscriptions": sum(
-                len(device.subscriptions) for live in self._devices.values() for device in live
-            ),
+            "subscriptions": sum(len(index) for index in self._subscriptions.values()),
             "telemetry_failed": self.recorder.failed,
             "delivered": self.delivered,
             "dropped": self.dropped,
