@@ -13,11 +13,19 @@ from ._admission import TokenBucket as TokenBucket
 from ._backoff import Backoff as Backoff
 from ._backoff import BackoffState as BackoffState
 from ._backoff import jitter as jitter
+from ._connection import Connection as Connection
 from ._errors import ConfigError as ConfigError
 from ._errors import HelloRejected as HelloRejected
 from ._errors import KeepconnError as KeepconnError
 from ._errors import ProtocolError as ProtocolError
 from ._errors import SessionClosed as SessionClosed
+from ._events import ConnectionClosed as ConnectionClosed
+from ._events import ConnectionOpened as ConnectionOpened
+from ._events import RoundTrip as RoundTrip
+from ._events import ServerEvent as ServerEvent
+from ._events import ServerStats as ServerStats
+from ._events import SessionTakenOver as SessionTakenOver
+from ._events import SocketAudit as SocketAudit
 from ._flapping import AddressFlappingConfig as AddressFlappingConfig
 from ._flapping import AddressFlappingDetector as AddressFlappingDetector
 from ._flapping import FlappingConfig as FlappingConfig
@@ -38,17 +46,9 @@ from ._reasons import CloseReason as CloseReason
 from ._registry import RegistryStats as RegistryStats
 from ._registry import Session as Session
 from ._registry import SessionRegistry as SessionRegistry
-from ._server import Connection as Connection
-from ._server import ConnectionClosed as ConnectionClosed
-from ._server import ConnectionOpened as ConnectionOpened
 from ._server import Hello as Hello
-from ._server import RoundTrip as RoundTrip
 from ._server import Server as Server
 from ._server import ServerConfig as ServerConfig
-from ._server import ServerEvent as ServerEvent
-from ._server import ServerStats as ServerStats
-from ._server import SessionTakenOver as SessionTakenOver
-from ._server import SocketAudit as SocketAudit
 
 __version__ = "0.1.0"
 

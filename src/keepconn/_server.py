@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
-import socket
-import struct
-import sys
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from typing import Any, Generic, TypeVar, cast
 
@@ -32,36 +28,34 @@ import anyio.lowlevel
 import attrs
 from anyio.abc import SocketAttribute
 
-from ._admission import AdmissionConfig, AdmissionController, AdmissionStats
+from ._admission import AdmissionConfig, AdmissionController
 from ._backoff import jitter
-from ._errors import ConfigError, HelloRejected, ProtocolError, SessionClosed
+from ._connection import Connection
+from ._errors import ConfigError, SessionClosed
+from ._events import (
+    ConnectionClosed,
+    ConnectionOpened,
+    ServerEvent,
+    ServerStats,
+    SessionTakenOver,
+    SocketAudit,
+)
+from ._failures import errno_of, errors_in, reason_for_all
 from ._flapping import (
     AddressFlappingConfig,
     AddressFlappingDetector,
     FlappingConfig,
     FlappingDetector,
-    FlappingStats,
     VerdictKind,
 )
 from ._framing import Framer
 from ._heartbeat import ActiveHeartbeat, PingAction, Pinger, PingPolicer, PingRateLimit
+from ._kernel import abort_on_close, peer_gone, unread_bytes
 from ._reasons import CloseReason
-from ._registry import RegistryStats, Session, SessionRegistry
+from ._registry import Session, SessionRegistry
 from ._validate import number
 
-__all__ = [
-    "Connection",
-    "ConnectionClosed",
-    "ConnectionOpened",
-    "Hello",
-    "RoundTrip",
-    "Server",
-    "ServerConfig",
-    "ServerEvent",
-    "ServerStats",
-    "SessionTakenOver",
-    "SocketAudit",
-]
+__all__ = ["Hello", "Server", "ServerConfig"]
 
 logger = logging.getLogger("keepconn.server")
 
@@ -85,7 +79,6 @@ _ABORTIVE = frozenset(
         CloseReason.HELLO_TIMEOUT,
     }
 )
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 #: Hello-phase ends that are the peer's doing, counted by the per-address flapping detector.
 _PEER_ABORTS = frozenset(
     {
@@ -170,404 +163,6 @@ class ServerConfig:
             raise ConfigError(
                 f"resolution ({self.resolution}) must not exceed idle_timeout ({self.idle_timeout})"
             )
-
-
-# -- events -----------------------------------------------------------------------------------
-
-
-@attrs.frozen
-class ConnectionOpened:
-    """A hello succeeded and a session is live."""
-
-    identity: Hashable
-    peer: Any
-    took_over: bool
-
-
-@attrs.frozen
-class ConnectionClosed:
-    """A connection ended. ``identity`` is None when it never completed its hello."""
-
-    identity: Hashable | None
-    peer: Any
-    reason: CloseReason
-    duration: float
-    detail: str = ""
-
-
-@attrs.frozen
-class SessionTakenOver:
-    """A newer authenticated connection replaced a live one for the same identity."""
-
-    identity: Hashable
-    old_peer: Any
-    new_peer: Any
-
-
-@attrs.frozen
-class RoundTrip:
-    """A server ping was answered after ``rtt`` seconds."""
-
-    identity: Hashable
-    rtt: float
-
-
-ServerEvent = ConnectionOpened | ConnectionClosed | SessionTakenOver | RoundTrip
-
-
-@attrs.frozen
-class SocketAudit:
-    """The kernel's table of the server's port(s), set against what the server knows.
-
-    Every server-side ESTABLISHED socket falls in exactly one bucket, matched by socket inode:
-    ``established == with_session + in_hello + closing + unaccepted + phantoms``.
-    """
-
-    #: Server-side ESTABLISHED sockets on the listening ports.
-    established: int
-    #: ... held by a connection with a live session.
-    with_session: int
-    #: ... held by a connection still in its hello.
-    in_hello: int
-    #: ... held by a connection the server is closing right now (a transient state).
-    closing: int
-    #: ... completed by the kernel but still in the accept queue (no process owns them yet).
-    unaccepted: int
-    #: ... owned by a process but by none of this server's connections: what must stay 0.
-    phantoms: int
-    #: CLOSE_WAIT sockets on the ports: a peer's FIN not yet answered.
-    close_wait: int
-    #: Every kernel state on the ports, by name.
-    counts: dict[str, int]
-
-
-@attrs.frozen
-class ServerStats:
-    """A snapshot of a server's counters."""
-
-    #: Open sockets, including those still in their hello.
-    connections: int
-    #: Connections in their hello phase.
-    pending_hellos: int
-    #: Connections accepted since start (admitted or not).
-    accepted: int
-    #: accept() failures for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM).
-    accept_errors: int
-    #: Connection closes by reason (hello-phase closes included, unlike the registry's).
-    closed: dict[CloseReason, int]
-    #: Takeovers since start.
-    takeovers: int
-    #: Due sessions kept open because their peer's bytes were waiting unread (server behind).
-    spared: int
-    #: The session registry's own snapshot.
-    registry: RegistryStats
-    #: Admission control's counters (None when it is off).
-    admission: AdmissionStats | None = None
-    #: Flapping and duplicate-identity counters, bans included (None when off).
-    flapping: FlappingStats | None = None
-
-
-# -- connections ------------------------------------------------------------------------------
-
-
-class Connection(Generic[F]):
-    """One accepted connection, handed to the application's identify and handler callbacks.
-
-    Read frames with :meth:`receive` (or ``async for frame in conn``): each complete frame
-    touches the session, so an application using it cannot forget to. Close with
-    :meth:`close` (immediate) or :meth:`shutdown` (graceful).
-    """
-
-    def __init__(self, server: Server[F], stream: anyio.abc.SocketStream, framer: Framer[F]):
-        self._server = server
-        self._stream = stream
-        self._framer = framer
-        self._frames: deque[F] = deque()
-        self._scope = anyio.CancelScope()
-        self._reason: CloseReason | None = None
-        self._detail = ""
-        self._session: Session | None = None
-        self._pinger: Pinger | None = None
-        self._policer: PingPolicer | None = None
-        self._peer_closed = False
-        self._graceful = False
-        self._eof_sent = False
-        self._send_lock = anyio.Lock()
-        self.opened_at = anyio.current_time()
-        try:
-            # The socket's inode ties the kernel's table (keepconn.tcp.census) to this object.
-            self._inode = os.fstat(self.raw_socket().fileno()).st_ino
-        except (OSError, ValueError, anyio.TypedAttributeLookupError):
-            self._inode = 0
-        #: The peer's address as the socket reports it, e.g. ("127.0.0.1", 50312).
-        self.peer: Any = _extra(stream, SocketAttribute.remote_address)
-        #: Free for the application (protocol state, the device record, ...).
-        self.context: Any = None
-
-    # -- identity and state
-
-    @property
-    def session(self) -> Session | None:
-        """The registry session, once the hello has succeeded."""
-        return self._session
-
-    @property
-    def identity(self) -> Hashable | None:
-        """The identity from the hello, or None before it."""
-        return None if self._session is None else self._session.key
-
-    @property
-    def reason(self) -> CloseReason | None:
-        """Why this connection is closing or closed, or None while it is open."""
-        return self._reason
-
-    @property
-    def rtt(self) -> float | None:
-        """The last round-trip time of a server ping (active heartbeat only)."""
-        return None if self._pinger is None else self._pinger.rtt
-
-    @property
-    def stream(self) -> anyio.abc.SocketStream:
-        """The underlying anyio stream (for extras; read through :meth:`receive`)."""
-        return self._stream
-
-    def raw_socket(self) -> socket.socket:
-        """The connection's socket, for options and TCP_INFO."""
-        sock: socket.socket = self._stream.extra(SocketAttribute.raw_socket)
-        return sock
-
-    # -- I/O
-
-    async def receive(self) -> F:
-        """The next complete frame. Touches the session when a frame completes.
-
-        Raises anyio.EndOfStream when the peer has closed, ProtocolError when its bytes
-        cannot be framed, and SessionClosed once the connection is closing.
-        """
-        frames = self._frames
-        while not frames:
-            if self._reason is not None and not self._graceful:
-                raise SessionClosed(f"connection is closing ({self._reason.name})")
-            try:
-                data = await self._stream.receive(self._server.config.receive_size)
-            except anyio.EndOfStream:
-                # Remembered so a handler that simply returns at EOF closes as PEER_CLOSED.
-                self._peer_closed = True
-                raise
-            frames.extend(self._framer.feed(data))
-            if frames and self._session is not None:
-                self._session.touch(anyio.current_time())
-        return frames.popleft()
-
-    def __aiter__(self) -> Connection[F]:
-        return self
-
-    async def __anext__(self) -> F:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
-
-    async def send(self, data: bytes) -> None:
-        """Send bytes to the peer. Callbacks must write through this method, never through
-        ``stream`` directly: the handler and the ping task may send at the same time, and
-        the lock keeps their frames whole."""
-        if self._eof_sent:
-            raise SessionClosed(f"connection is closing ({self._reason})")
-        async with self._send_lock:
-            await self._stream.send(data)
-
-    # -- heartbeats
-
-    def ping_received(self) -> None:
-        """Tell the server that the peer pinged: enforces the ping rate limit if configured."""
-        if self._policer is not None and not self._policer.ping(anyio.current_time()):
-            self.close(CloseReason.TOO_MANY_PINGS, f"{self._policer.strikes} early pings")
-
-    def pong_received(self) -> None:
-        """Tell the server that the peer answered a server ping (active heartbeat)."""
-        if self._pinger is None:
-            return
-        rtt = self._pinger.pong_received(anyio.current_time())
-        if rtt is not None and self._session is not None:
-            self._server._emit(RoundTrip(self._session.key, rtt))
-
-    # -- closing
-
-    def close(self, reason: CloseReason = CloseReason.APPLICATION, detail: str = "") -> None:
-        """Close now with ``reason`` (the first reason given wins). Safe from any task."""
-        if self._reason is None:
-            self._reason = reason
-            self._detail = detail
-        self._scope.cancel()
-
-    async def shutdown(
-        self, reason: CloseReason = CloseReason.APPLICATION, grace: float = 2.0
-    ) -> None:
-        """Close gracefully: send FIN, keep reading for up to ``grace`` seconds so nothing the
-        peer was still sending is lost (the handler keeps receiving), then close."""
-        if self._reason is not None:
-            return  # already closing; the first decision stands
-        self._reason, self._graceful = reason, True
-        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
-        self._eof_sent = True
-        try:
-            await self._stream.send_eof()
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError, RuntimeError):
-            # (uvloop raises RuntimeError for a transport that closed underneath us.)
-            self._scope.cancel()
-
-    def _close_gracefully(self, reason: CloseReason, grace: float, detail: str = "") -> None:
-        """Send FIN now and close for good after ``grace`` s; synchronous, for the reaper."""
-        if self._reason is not None:
-            return
-        self._reason, self._detail, self._graceful = reason, detail, True
-        self._eof_sent = True
-        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
-        try:
-            # Half-close on the socket itself: the stream API is async, and the reaper must not
-            # wait on one peer. Later writes by the handler then fail, which ends it.
-            _half_close(self.raw_socket())
-        except (OSError, ValueError, anyio.TypedAttributeLookupError):
-            self._scope.cancel()
-
-    def __repr__(self) -> str:
-        who = "hello" if self._session is None else repr(self._session.key)
-        return f"<Connection {who} peer={self.peer!r} reason={self._reason}>"
-
-
-def _extra(stream: anyio.abc.SocketStream, attribute: Any) -> Any:
-    try:
-        return stream.extra(attribute)
-    except (anyio.TypedAttributeLookupError, OSError):
-        return None
-
-
-def _half_close(sock: socket.socket) -> None:
-    """shutdown(SHUT_WR) on a stream's socket. asyncio hands out a TransportSocket that refuses
-    shutdown(), so go through a duplicate descriptor: shutdown acts on the socket, not the fd."""
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except (TypeError, AttributeError):
-        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
-            dup.shutdown(socket.SHUT_WR)
-
-
-#: TCP states in which the peer has closed or reset its side (Linux's tcp_states.h numbering):
-#: CLOSE, CLOSE_WAIT, LAST_ACK.
-_PEER_GONE_STATES = frozenset({7, 8, 9})
-_TCP_INFO = getattr(socket, "TCP_INFO", None)
-
-try:  # Unix: how many received bytes wait unread in a socket (SIOCINQ)
-    import fcntl
-    import termios
-
-    _FIONREAD: int | None = termios.FIONREAD
-except ImportError:  # pragma: no cover - Windows
-    _FIONREAD = None
-
-
-def _peer_gone(conn: Connection[Any]) -> bool:
-    """Whether the kernel already knows the peer closed or reset this connection.
-
-    One getsockopt(TCP_INFO) asking for just its first byte (the state); False where TCP_INFO
-    does not exist, so other platforms simply skip the check.
-    """
-    if _TCP_INFO is None:
-        return False
-    try:
-        state = conn.raw_socket().getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
-    except (OSError, ValueError, anyio.TypedAttributeLookupError):
-        return True  # the socket is already gone
-    return bool(state) and state[0] in _PEER_GONE_STATES
-
-
-def _unread_bytes(conn: Connection[Any]) -> int:
-    """Bytes the kernel has received on the connection that nobody has read (FIONREAD); 0
-    where the ioctl is not available."""
-    if _FIONREAD is None:
-        return 0
-    try:
-        raw = fcntl.ioctl(conn.raw_socket().fileno(), _FIONREAD, b"\0\0\0\0")
-    except (OSError, ValueError, anyio.TypedAttributeLookupError):
-        return 0
-    return int.from_bytes(raw, sys.byteorder, signed=True)
-
-
-def _host(peer: Any) -> Any:
-    """The host part of a socket address (the whole thing if it is not a tuple)."""
-    return peer[0] if isinstance(peer, tuple) and peer else peer
-
-
-def _errno_of(exc: BaseException) -> int | None:
-    """The errno behind an exception or its cause (anyio wraps OSError in BrokenResourceError)."""
-    seen: BaseException | None = exc
-    for _ in range(4):
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return seen.errno
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    """The one exception inside (nested) single-member exception groups: trio's nurseries wrap
-    a handler's exception when it runs beside the ping task."""
-    inner = getattr(exc, "exceptions", None)
-    while isinstance(inner, tuple) and len(inner) == 1 and isinstance(inner[0], BaseException):
-        exc = inner[0]
-        inner = getattr(exc, "exceptions", None)
-    return exc
-
-
-def _errors_in(exc: BaseException) -> list[Exception] | None:
-    """The ordinary exceptions inside ``exc`` (walking exception groups), leaving out
-    cancellation; None if it holds anything else that must propagate (KeyboardInterrupt...)."""
-    cancelled = anyio.get_cancelled_exc_class()
-    found: list[Exception] = []
-    pending: list[BaseException] = [exc]
-    while pending:
-        item = pending.pop()
-        members = getattr(item, "exceptions", None)
-        if isinstance(members, tuple):
-            pending.extend(m for m in members if isinstance(m, BaseException))
-        elif isinstance(item, cancelled):
-            continue
-        elif isinstance(item, Exception):
-            found.append(item)
-        else:
-            return None
-    return found
-
-
-def _reason_for_all(errors: list[Exception]) -> tuple[CloseReason, str]:
-    """One reason for several failures (the handler and the ping task may both see a reset):
-    the first that names a network or protocol reason, APPLICATION only if none does."""
-    found = [_reason_for(error) for error in errors]
-    for reason, detail in found:
-        if reason is not CloseReason.APPLICATION:
-            return reason, detail
-    return found[0]
-
-
-def _reason_for(exc: BaseException) -> tuple[CloseReason, str]:
-    """Map what ended a connection to its close reason."""
-    exc = _unwrap(exc)
-    if isinstance(exc, anyio.EndOfStream):
-        return CloseReason.PEER_CLOSED, ""
-    if isinstance(exc, ProtocolError):
-        return CloseReason.PROTOCOL_ERROR, str(exc)
-    if isinstance(exc, HelloRejected):
-        return CloseReason.AUTH_FAILED, str(exc)
-    code = _errno_of(exc)
-    if code == errno.ETIMEDOUT:
-        # The kernel gave up: keepalive probes or TCP_USER_TIMEOUT expired.
-        return CloseReason.KEEPALIVE_TIMEOUT, "ETIMEDOUT"
-    if code is not None or isinstance(exc, anyio.BrokenResourceError):
-        name = errno.errorcode.get(code, "broken") if code is not None else "broken"
-        return CloseReason.PEER_RESET, name
-    return CloseReason.APPLICATION, f"{type(exc).__name__}: {exc}"
 
 
 # -- the server -------------------------------------------------------------------------------
@@ -768,7 +363,7 @@ class Server(Generic[F]):
             try:
                 stream = await listener.accept()
             except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
-                code = _errno_of(exc)
+                code = errno_of(exc)
                 if isinstance(exc, anyio.ClosedResourceError) or self._stopping.is_set():
                     return
                 if code in _ACCEPT_RESOURCE_ERRNOS:
@@ -837,7 +432,7 @@ class Server(Generic[F]):
                         await conn.send(hello.welcome)
                     await self._serve_session(conn)
                 except BaseException as exc:
-                    errors = _errors_in(exc)
+                    errors = errors_in(exc)
                     if errors is None:
                         raise  # KeyboardInterrupt, SystemExit and the like are not ours
                     if not errors:
@@ -850,7 +445,7 @@ class Server(Generic[F]):
                     # Errors, perhaps beside a cancellation in one group (trio reports a reset
                     # seen by the handler together with the cancel of its ping task). The
                     # task ends either way, so the cancellation need not travel further.
-                    reason, detail = _reason_for_all(errors)
+                    reason, detail = reason_for_all(errors)
                     if conn._reason is None:
                         conn._reason, conn._detail = reason, detail
                     if reason is CloseReason.APPLICATION and not any(
@@ -1054,7 +649,7 @@ class Server(Generic[F]):
             # Dead and displaced peers get a RST; so does a graceful close whose grace ran out
             # without the peer's FIN (a shutdown straggler): a FIN would sit in FIN_WAIT1.
             try:
-                conn.raw_socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                abort_on_close(conn.raw_socket())
             except (OSError, ValueError, anyio.TypedAttributeLookupError):
                 pass  # already closed underneath us (uvloop reports a negative descriptor)
         try:
@@ -1186,3 +781,22 @@ class Server(Generic[F]):
             admission=None if self.admission is None else self.admission.stats(now),
             flapping=None if self.flapping is None else self.flapping.stats(now),
         )
+
+
+def _host(peer: Any) -> Any:
+    """The host part of a socket address (the whole thing if it is not a tuple)."""
+    return peer[0] if isinstance(peer, tuple) and peer else peer
+
+
+def _peer_gone(conn: Connection[Any]) -> bool:
+    try:
+        return peer_gone(conn.raw_socket())
+    except (anyio.TypedAttributeLookupError, OSError, ValueError):
+        return True
+
+
+def _unread_bytes(conn: Connection[Any]) -> int:
+    try:
+        return unread_bytes(conn.raw_socket())
+    except (anyio.TypedAttributeLookupError, OSError, ValueError):
+        return 0

@@ -1,0 +1,115 @@
+"""What the server tells the application: events as they happen, and frozen snapshots."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import Any
+
+import attrs
+
+from ._admission import AdmissionStats
+from ._flapping import FlappingStats
+from ._reasons import CloseReason
+from ._registry import RegistryStats
+
+__all__ = [
+    "ConnectionClosed",
+    "ConnectionOpened",
+    "RoundTrip",
+    "ServerEvent",
+    "ServerStats",
+    "SessionTakenOver",
+    "SocketAudit",
+]
+
+
+@attrs.frozen
+class ConnectionOpened:
+    """A hello succeeded and a session is live."""
+
+    identity: Hashable
+    peer: Any
+    took_over: bool
+
+
+@attrs.frozen
+class ConnectionClosed:
+    """A connection ended. ``identity`` is None when it never completed its hello."""
+
+    identity: Hashable | None
+    peer: Any
+    reason: CloseReason
+    duration: float
+    detail: str = ""
+
+
+@attrs.frozen
+class SessionTakenOver:
+    """A newer authenticated connection replaced a live one for the same identity."""
+
+    identity: Hashable
+    old_peer: Any
+    new_peer: Any
+
+
+@attrs.frozen
+class RoundTrip:
+    """A server ping was answered after ``rtt`` seconds."""
+
+    identity: Hashable
+    rtt: float
+
+
+ServerEvent = ConnectionOpened | ConnectionClosed | SessionTakenOver | RoundTrip
+
+
+@attrs.frozen
+class SocketAudit:
+    """The kernel's table of the server's port(s), set against what the server knows.
+
+    Every server-side ESTABLISHED socket falls in exactly one bucket, matched by socket inode:
+    ``established == with_session + in_hello + closing + unaccepted + phantoms``.
+    """
+
+    #: Server-side ESTABLISHED sockets on the listening ports.
+    established: int
+    #: ... held by a connection with a live session.
+    with_session: int
+    #: ... held by a connection still in its hello.
+    in_hello: int
+    #: ... held by a connection the server is closing right now (a transient state).
+    closing: int
+    #: ... completed by the kernel but still in the accept queue (no process owns them yet).
+    unaccepted: int
+    #: ... owned by a process but by none of this server's connections: what must stay 0.
+    phantoms: int
+    #: CLOSE_WAIT sockets on the ports: a peer's FIN not yet answered.
+    close_wait: int
+    #: Every kernel state on the ports, by name.
+    counts: dict[str, int]
+
+
+@attrs.frozen
+class ServerStats:
+    """A snapshot of a server's counters."""
+
+    #: Open sockets, including those still in their hello.
+    connections: int
+    #: Connections in their hello phase.
+    pending_hellos: int
+    #: Connections accepted since start (admitted or not).
+    accepted: int
+    #: accept() failures for lack of resources (EMFILE, ENFILE, ENOBUFS, ENOMEM).
+    accept_errors: int
+    #: Connection closes by reason (hello-phase closes included, unlike the registry's).
+    closed: dict[CloseReason, int]
+    #: Takeovers since start.
+    takeovers: int
+    #: Due sessions kept open because their peer's bytes were waiting unread (server behind).
+    spared: int
+    #: The session registry's own snapshot.
+    registry: RegistryStats
+    #: Admission control's counters (None when it is off).
+    admission: AdmissionStats | None = None
+    #: Flapping and duplicate-identity counters, bans included (None when off).
+    flapping: FlappingStats | None = None

@@ -1,0 +1,73 @@
+"""What the adapter asks of, and does to, one connected TCP socket beyond reading and writing.
+
+Each function takes the raw socket (anyio's ``SocketAttribute.raw_socket``; under asyncio a
+TransportSocket, which refuses some calls: see :func:`half_close`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import sys
+
+__all__ = ["abort_on_close", "half_close", "peer_gone", "unread_bytes"]
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+def abort_on_close(sock: socket.socket) -> None:
+    """Make the coming close send a RST (SO_LINGER 0) instead of a FIN: for a peer that is dead
+    or displaced, so the socket does not sit in FIN_WAIT1 retransmitting to no one."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+
+
+def half_close(sock: socket.socket) -> None:
+    """shutdown(SHUT_WR) on a stream's socket. asyncio hands out a TransportSocket that refuses
+    shutdown(), so go through a duplicate descriptor: shutdown acts on the socket, not the fd."""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except (TypeError, AttributeError):
+        with socket.socket(fileno=os.dup(sock.fileno())) as dup:
+            dup.shutdown(socket.SHUT_WR)
+
+
+#: TCP states in which the peer has closed or reset its side (Linux's tcp_states.h numbering):
+#: CLOSE, CLOSE_WAIT, LAST_ACK.
+_PEER_GONE_STATES = frozenset({7, 8, 9})
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+
+try:  # Unix: how many received bytes wait unread in a socket (SIOCINQ)
+    import fcntl
+    import termios
+
+    _FIONREAD: int | None = termios.FIONREAD
+except ImportError:  # pragma: no cover - Windows
+    _FIONREAD = None
+
+
+def peer_gone(sock: socket.socket) -> bool:
+    """Whether the kernel already knows the peer closed or reset this connection.
+
+    One getsockopt(TCP_INFO) asking for just its first byte (the state); False where TCP_INFO
+    does not exist, so other platforms simply skip the check.
+    """
+    if _TCP_INFO is None:
+        return False
+    try:
+        state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)
+    except (OSError, ValueError):
+        return True  # the socket is already gone
+    return bool(state) and state[0] in _PEER_GONE_STATES
+
+
+def unread_bytes(sock: socket.socket) -> int:
+    """Bytes the kernel has received on the connection that nobody has read (FIONREAD); 0
+    where the ioctl is not available."""
+    if _FIONREAD is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int.from_bytes(raw, sys.byteorder, signed=True)
