@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import socket
-import struct
 from collections import deque
 from typing import Any, Generic, TypeVar
 
@@ -13,8 +12,10 @@ import anyio.abc
 from anyio.abc import SocketAttribute
 
 from .._errors import HelloRejected, ProtocolError, SessionClosed
+from .._failures import errno_of
 from .._framing import Framer
 from .._heartbeat import Pinger
+from .._kernel import abort_on_close
 from .._validate import check_number
 from ._records import DisconnectReason
 
@@ -31,7 +32,6 @@ _ABORTIVE = frozenset(
         DisconnectReason.HELLO_TIMEOUT,
     }
 )
-_LINGER_ZERO = struct.pack("ii", 1, 0)
 
 
 class ClientConnection(Generic[F]):
@@ -202,7 +202,7 @@ class ClientConnection(Generic[F]):
         """Close the socket, abortively when the server is believed gone. Shield the call."""
         if self._reason in _ABORTIVE:
             try:
-                self.raw_socket().setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+                abort_on_close(self.raw_socket())
             except (OSError, ValueError, anyio.TypedAttributeLookupError):
                 pass  # already closed underneath us (uvloop reports a negative descriptor)
         try:
@@ -225,26 +225,13 @@ def _extra(stream: anyio.abc.SocketStream, attribute: Any) -> Any:
         return None
 
 
-def _errno_of(exc: BaseException) -> int | None:
-    """The errno behind an exception or its causes (anyio wraps OSError in
-    BrokenResourceError, sometimes more than once)."""
-    seen: BaseException | None = exc
-    for _ in range(4):
-        if seen is None:
-            return None
-        if isinstance(seen, OSError) and seen.errno is not None:
-            return seen.errno
-        seen = seen.__cause__ or seen.__context__
-    return None
-
-
 def transport_reason(exc: BaseException) -> tuple[DisconnectReason, str]:
     """The reason for a failed read or write on an open connection."""
     if isinstance(exc, anyio.ClosedResourceError):
         # Only our own side closes the stream, and it records a reason first; this is the
         # fallback for an application that closed the stream behind the connector's back.
         return DisconnectReason.CLOSED_BY_APP, "stream closed"
-    code = _errno_of(exc)
+    code = errno_of(exc)
     if code == errno.ETIMEDOUT:
         return DisconnectReason.KEEPALIVE_TIMEOUT, "ETIMEDOUT"
     name = errno.errorcode.get(code, str(code)) if code is not None else "broken"
