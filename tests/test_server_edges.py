@@ -244,3 +244,26 @@ async def test_a_peer_whose_bytes_wait_unread_is_not_reaped_when_the_server_is_b
         await wait_for(lambda: bool(closes(events, CloseReason.IDLE_TIMEOUT)), timeout=5)
         await client.aclose()
         await server.shutdown()
+
+
+async def test_a_trickler_is_spared_at_most_once() -> None:
+    # Bytes waiting in the kernel spare a due session, but a partial frame is not life: a peer
+    # that keeps a byte always in flight gains one timeout at most.
+    events: list[ServerEvent] = []
+    timeout = 0.5
+    config = ServerConfig(idle_timeout=30, resolution=0.05, **BASE)
+    async with serving(config, events=events) as (server, port):
+        client = await Client.connect(port)
+        assert await client.hello("trickler", timeout=timeout) == b"OK"
+        with anyio.move_on_after(3 * timeout + 1):
+            try:
+                for byte in b"DATA " + b"x" * 500:
+                    await client.stream.send(bytes([byte]))
+                    await anyio.sleep(0.005)
+            except (anyio.BrokenResourceError, OSError):
+                pass
+        await wait_for(lambda: bool(closes(events, CloseReason.IDLE_TIMEOUT)), timeout=2)
+        [closed] = closes(events, CloseReason.IDLE_TIMEOUT)
+        assert closed.duration <= 2 * timeout + 0.5, closed.duration
+        assert server.stats().spared <= 1
+        await client.aclose()

@@ -49,6 +49,10 @@ class Connection(Generic[F]):
         self._pinger: Pinger | None = None
         self._policer: PingPolicer | None = None
         self._peer_closed = False
+        # Bytes read so far, and their count when the reaper last spared this session for
+        # unread bytes (None once a complete frame has touched it since): see Server._behind_on.
+        self._bytes_in = 0
+        self._spare_mark: int | None = None
         self._graceful = False
         self._eof_sent = False
         self._send_lock = anyio.Lock()
@@ -114,8 +118,10 @@ class Connection(Generic[F]):
                 self._peer_closed = True
                 raise
             frames.extend(self._framer.feed(data))
+            self._bytes_in += len(data)
             if frames and self._session is not None:
                 self._session.touch(anyio.current_time())
+                self._spare_mark = None
         return frames.popleft()
 
     def __aiter__(self) -> Connection[F]:

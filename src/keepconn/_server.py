@@ -700,10 +700,18 @@ class Server(Generic[F]):
         Then the peer is alive and the server is behind (an event loop stalled in a storm):
         reaping it would be a false reap. Asked of the kernel (FIONREAD) only for sessions
         that are due, so it costs nothing on the hot path.
+
+        Unread bytes are not a complete frame, though. Once spared, a session is spared again
+        only while the server has still read nothing from it: if it did read and no frame
+        completed, the peer is trickling partial frames (slowloris), not waiting on us.
         """
         conn: Connection[F] = session.conn
+        mark = conn._spare_mark
+        if mark is not None and mark != conn._bytes_in:
+            return False
         if _unread_bytes(conn) <= 0:
             return False
+        conn._spare_mark = conn._bytes_in
         self._spared += 1
         logger.debug("spared %r: unread bytes wait in the kernel", conn)
         return True
