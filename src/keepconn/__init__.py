@@ -37,7 +37,6 @@ from ._framing import Framer as Framer
 from ._framing import LengthPrefixedFramer as LengthPrefixedFramer
 from ._framing import LineFramer as LineFramer
 from ._heartbeat import ActiveHeartbeat as ActiveHeartbeat
-from ._heartbeat import PassiveHeartbeat as PassiveHeartbeat
 from ._heartbeat import PingAction as PingAction
 from ._heartbeat import Pinger as Pinger
 from ._heartbeat import PingPolicer as PingPolicer
@@ -76,7 +75,6 @@ __all__ = [
     "KeepconnError",
     "LengthPrefixedFramer",
     "LineFramer",
-    "PassiveHeartbeat",
     "PingAction",
     "PingPolicer",
     "PingRateLimit",

@@ -2,9 +2,9 @@
 
 Three ways a server learns that a peer is alive, each a small object with explicit ``now``:
 
-* :class:`PassiveHeartbeat` -- the peer must show life every ``timeout``; any complete frame
-  counts. This is what the :class:`~keepconn.SessionRegistry` enforces on its own (MQTT's
-  keepalive is this).
+* Passive -- the peer must show life every ``timeout``; any complete frame counts. No object
+  here: the :class:`~keepconn.SessionRegistry` enforces it (``ServerConfig.idle_timeout``, or
+  a per-session ``Hello.timeout``, which is how MQTT's keepalive is served).
 * :class:`ActiveHeartbeat` -- the server pings every ``interval`` and expects an answer within
   ``timeout``; ``misses`` unanswered pings in a row are tolerated, the next one is fatal. Each
   answered ping yields a round-trip time. :class:`Pinger` is its state machine.
@@ -23,19 +23,11 @@ from ._validate import number
 
 __all__ = [
     "ActiveHeartbeat",
-    "PassiveHeartbeat",
     "PingAction",
     "PingPolicer",
     "PingRateLimit",
     "Pinger",
 ]
-
-
-@attrs.frozen
-class PassiveHeartbeat:
-    """The peer must send a complete frame at least every ``timeout`` seconds."""
-
-    timeout: float = attrs.field(validator=number())
 
 
 @attrs.frozen
