@@ -16,6 +16,7 @@ uvloop and trio through anyio::
 
 from __future__ import annotations
 
+from .._public import claim as _claim
 from ._connection import ClientConnection as ClientConnection
 from ._connector import Connector as Connector
 from ._records import ClientConfig as ClientConfig
@@ -31,3 +32,5 @@ __all__ = [
     "Disconnect",
     "DisconnectReason",
 ]
+
+_claim(__name__, __all__, globals())

@@ -2,39 +2,25 @@
 
 from __future__ import annotations
 
-import errno
-import socket
-from collections import deque
-from typing import Any, Generic, TypeVar
+from typing import ClassVar, TypeVar
 
 import anyio
 import anyio.abc
-from anyio.abc import SocketAttribute
 
-from .._errors import HelloRejected, ProtocolError, SessionClosed
-from .._failures import errno_of
-from .._framing import Framer
-from .._heartbeat import Pinger
-from .._kernel import abort_on_close
-from .._validate import check_number
+from .._anyio.base import StreamConnection
+from .._anyio.failures import Failure, failure_of
+from .._core.errors import SessionClosed
+from .._core.framing import Framer
+from .._core.heartbeat import Pinger
+from .._core.validate import check_number
 from ._records import DisconnectReason
 
 __all__ = ["ClientConnection"]
 
 F = TypeVar("F")
 
-#: Reasons after which the server is believed gone: close with RST (SO_LINGER 0), so our FIN
-#: does not sit in FIN_WAIT1 being retransmitted to nobody for minutes.
-_ABORTIVE = frozenset(
-    {
-        DisconnectReason.SERVER_SILENT,
-        DisconnectReason.KEEPALIVE_TIMEOUT,
-        DisconnectReason.HELLO_TIMEOUT,
-    }
-)
 
-
-class ClientConnection(Generic[F]):
+class ClientConnection(StreamConnection[F, DisconnectReason]):
     """A connection made by a :class:`~keepconn.client.Connector`, from TCP connect to close.
 
     The hello callback receives it first, then the session handler (or the ``sessions()``
@@ -44,6 +30,26 @@ class ClientConnection(Generic[F]):
     :meth:`retry_after`. Once it has ended, :attr:`reason` says why.
     """
 
+    REASONS: ClassVar[dict[Failure, DisconnectReason | None]] = {
+        Failure.EOF: DisconnectReason.SERVER_CLOSED,
+        Failure.PROTOCOL: DisconnectReason.PROTOCOL_ERROR,
+        Failure.REJECTED: DisconnectReason.REJECTED,
+        Failure.CLOSED: DisconnectReason.CLOSED_BY_APP,
+        Failure.TIMED_OUT: DisconnectReason.KEEPALIVE_TIMEOUT,
+        Failure.BROKEN: DisconnectReason.RESET,
+        # An application bug: the connector lets it propagate rather than retry forever.
+        Failure.OTHER: None,
+    }
+    #: Reasons after which the server is believed gone: close with RST (SO_LINGER 0), so our
+    #: FIN does not sit in FIN_WAIT1 being retransmitted to nobody for minutes.
+    ABORTIVE: ClassVar[frozenset[DisconnectReason]] = frozenset(
+        {
+            DisconnectReason.SERVER_SILENT,
+            DisconnectReason.KEEPALIVE_TIMEOUT,
+            DisconnectReason.HELLO_TIMEOUT,
+        }
+    )
+
     def __init__(
         self,
         stream: anyio.abc.SocketStream,
@@ -51,39 +57,15 @@ class ClientConnection(Generic[F]):
         attempt: int,
         receive_size: int,
     ) -> None:
-        self._stream = stream
-        self._framer = framer
-        self._receive_size = receive_size
-        self._frames: deque[F] = deque()
-        # Covers the whole life of the connection (hello, handler, pings) in the connector's
-        # task: cancelling it is how any task ends the connection.
-        self._scope = anyio.CancelScope()
+        super().__init__(stream, framer, receive_size)
         self._closed = anyio.Event()
-        self._reason: DisconnectReason | None = None
-        self._detail = ""
         self._hint: float | None = None
         self._crash: Exception | None = None
-        self._pinger: Pinger | None = None
         self._established_at: float | None = None
-        self.opened_at = anyio.current_time()
         #: The attempt number (from 1) that made this connection.
         self.attempt = attempt
-        #: The server's address as the socket reports it.
-        self.peer: Any = _extra(stream, SocketAttribute.remote_address)
-        #: Free for the application (protocol state, a session token, ...).
-        self.context: Any = None
 
     # -- state
-
-    @property
-    def reason(self) -> DisconnectReason | None:
-        """Why the connection is ending or has ended; None while it is open."""
-        return self._reason
-
-    @property
-    def detail(self) -> str:
-        """Words to go with :attr:`reason` (an errno name, an exception text)."""
-        return self._detail
 
     @property
     def established(self) -> bool:
@@ -91,55 +73,16 @@ class ClientConnection(Generic[F]):
         return self._established_at is not None
 
     @property
-    def rtt(self) -> float | None:
-        """The last measured round-trip time of a client ping (heartbeat only)."""
-        return None if self._pinger is None else self._pinger.rtt
+    def established_at(self) -> float | None:
+        """When the hello completed (the event loop's clock), or None before."""
+        return self._established_at
 
     @property
     def retry_hint(self) -> float | None:
         """The largest retry-after hint reported on this connection, if any."""
         return self._hint
 
-    @property
-    def stream(self) -> anyio.abc.SocketStream:
-        """The underlying anyio stream (for extras; read through :meth:`receive`)."""
-        return self._stream
-
-    def raw_socket(self) -> socket.socket:
-        """The connection's socket, for options and TCP_INFO."""
-        sock: socket.socket = self._stream.extra(SocketAttribute.raw_socket)
-        return sock
-
     # -- I/O
-
-    async def receive(self) -> F:
-        """The next complete frame from the server.
-
-        Raises anyio.EndOfStream when the server closed, ProtocolError when its bytes cannot
-        be framed, and SessionClosed when the connection ended any other way (reset, no
-        heartbeat answer, closed by the application). Each of these ends the connection.
-        """
-        frames = self._frames
-        while not frames:
-            if self._reason is not None:
-                raise SessionClosed(f"connection ended ({self._reason.name})")
-            try:
-                data = await self._stream.receive(self._receive_size)
-            except anyio.EndOfStream:
-                self._end(DisconnectReason.SERVER_CLOSED)
-                raise
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-                self._end(*transport_reason(exc))
-                raise SessionClosed(f"connection ended ({self._reason})") from exc
-            try:
-                frames.extend(self._framer.feed(data))
-            except ProtocolError as exc:
-                self._end(DisconnectReason.PROTOCOL_ERROR, str(exc))
-                raise
-        return frames.popleft()
-
-    def __aiter__(self) -> ClientConnection[F]:
-        return self
 
     async def __anext__(self) -> F:
         try:
@@ -148,15 +91,15 @@ class ClientConnection(Generic[F]):
             # The reason is recorded and reported; a reading loop has nothing left to do.
             raise StopAsyncIteration from None
 
-    async def send(self, data: bytes) -> None:
-        """Send bytes to the server. Raises SessionClosed once the connection has ended."""
-        if self._reason is not None:
-            raise SessionClosed(f"connection ended ({self._reason.name})")
-        try:
-            await self._stream.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            self._end(*transport_reason(exc))
-            raise SessionClosed(f"connection ended ({self._reason})") from exc
+    def _record_failure(self, failure: Failure, detail: str) -> None:
+        # Any failure ends the connection at once (the ping task and the handler with it).
+        reason = self.REASONS[failure]
+        if reason is not None:
+            self._end(reason, detail)
+
+    def _transport_failed(self, exc: BaseException) -> None:
+        super()._transport_failed(exc)
+        raise SessionClosed(f"connection ended ({self._reason})") from exc
 
     # -- what the application tells the connector
 
@@ -190,25 +133,20 @@ class ClientConnection(Generic[F]):
         """Return once the connection's socket is closed."""
         await self._closed.wait()
 
-    # -- internals shared with the connector
+    # -- what the connector asks of its connection
 
-    def _end(self, reason: DisconnectReason, detail: str = "") -> None:
-        if self._reason is None:
-            self._reason = reason
-            self._detail = detail
-        self._scope.cancel()
+    def _establish(self, now: float, pinger: Pinger | None) -> None:
+        """The hello completed at ``now``: the session begins (with client pings, if any)."""
+        self._established_at = now
+        self._pinger = pinger
+
+    def _crashed(self, exc: Exception) -> None:
+        """A callback failed with an application bug: end, and let the connector re-raise it."""
+        self._crash = exc
+        self._end(DisconnectReason.CLOSED_BY_APP, f"{type(exc).__name__}: {exc}")
 
     async def _close_socket(self) -> None:
-        """Close the socket, abortively when the server is believed gone. Shield the call."""
-        if self._reason in _ABORTIVE:
-            try:
-                abort_on_close(self.raw_socket())
-            except (OSError, ValueError, anyio.TypedAttributeLookupError):
-                pass  # already closed underneath us (uvloop reports a negative descriptor)
-        try:
-            await self._stream.aclose()
-        except (OSError, anyio.BrokenResourceError):
-            pass
+        await super()._close_socket()
         self._closed.set()
 
     def __repr__(self) -> str:
@@ -218,38 +156,9 @@ class ClientConnection(Generic[F]):
         )
 
 
-def _extra(stream: anyio.abc.SocketStream, attribute: Any) -> Any:
-    try:
-        return stream.extra(attribute)
-    except (anyio.TypedAttributeLookupError, OSError):
-        return None
-
-
-def transport_reason(exc: BaseException) -> tuple[DisconnectReason, str]:
-    """The reason for a failed read or write on an open connection."""
-    if isinstance(exc, anyio.ClosedResourceError):
-        # Only our own side closes the stream, and it records a reason first; this is the
-        # fallback for an application that closed the stream behind the connector's back.
-        return DisconnectReason.CLOSED_BY_APP, "stream closed"
-    code = errno_of(exc)
-    if code == errno.ETIMEDOUT:
-        return DisconnectReason.KEEPALIVE_TIMEOUT, "ETIMEDOUT"
-    name = errno.errorcode.get(code, str(code)) if code is not None else "broken"
-    return DisconnectReason.RESET, name
-
-
 def classify(exc: Exception) -> tuple[DisconnectReason, str] | None:
     """The reason for an exception that ended a callback, or None for an application bug
     (which the connector lets propagate rather than retry forever)."""
-    if isinstance(exc, anyio.EndOfStream):
-        return DisconnectReason.SERVER_CLOSED, ""
-    if isinstance(exc, ProtocolError):
-        return DisconnectReason.PROTOCOL_ERROR, str(exc)
-    if isinstance(exc, HelloRejected):
-        return DisconnectReason.REJECTED, str(exc)
-    if isinstance(exc, SessionClosed):
-        # receive() and send() record the real reason before raising this.
-        return DisconnectReason.CLOSED_BY_APP, str(exc)
-    if isinstance(exc, (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError)):
-        return transport_reason(exc)
-    return None
+    failure, detail = failure_of(exc)
+    reason = ClientConnection.REASONS[failure]
+    return None if reason is None else (reason, detail)

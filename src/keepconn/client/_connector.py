@@ -27,9 +27,9 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .._errors import ConfigError
-from .._framing import Framer
-from .._heartbeat import PingAction, Pinger
+from .._core.errors import ConfigError
+from .._core.framing import Framer
+from .._core.heartbeat import Pinger
 from ._connection import ClientConnection, classify
 from ._records import ClientConfig, ConnectorStats, Disconnect, DisconnectReason
 
@@ -188,9 +188,8 @@ class Connector(Generic[F]):
                 await self._live(conn, handler)
         finally:
             self._conn = None
-            if conn._reason is None:
-                # Only cancellation from outside gets here without a reason.
-                conn._reason = DisconnectReason.CLOSED_BY_APP
+            # Only cancellation from outside gets here without a reason.
+            conn._record(DisconnectReason.CLOSED_BY_APP)
             with anyio.CancelScope(shield=True):
                 await conn._close_socket()
         if conn._crash is not None:
@@ -213,15 +212,14 @@ class Connector(Generic[F]):
                     DisconnectReason.HELLO_TIMEOUT,
                     f"no hello within {config.hello_timeout:g} s",
                 )
-            if conn._reason is not None:
+            if conn.reason is not None:
                 return
         now = anyio.current_time()
-        conn._established_at = now
-        self._established += 1
         heartbeat = config.heartbeat
+        conn._establish(now, Pinger(heartbeat, now) if heartbeat is not None else None)
+        self._established += 1
         async with anyio.create_task_group() as tasks:
             if heartbeat is not None:
-                conn._pinger = Pinger(heartbeat, now)
                 tasks.start_soon(self._guard, conn, self._ping_loop)
             await self._guard(conn, handler)
             conn._end(DisconnectReason.CLOSED_BY_APP)
@@ -233,31 +231,14 @@ class Connector(Generic[F]):
         except Exception as exc:
             found = classify(exc)
             if found is None:
-                conn._crash = exc
-                conn._end(DisconnectReason.CLOSED_BY_APP, f"{type(exc).__name__}: {exc}")
+                conn._crashed(exc)
             else:
                 conn._end(*found)
 
     async def _ping_loop(self, conn: ClientConnection[F]) -> None:
-        pinger = conn._pinger
         send_ping = self._send_ping
-        policy = self.config.heartbeat
-        assert pinger is not None and send_ping is not None and policy is not None
-        while True:
-            await anyio.sleep(max(0.0, pinger.next_deadline() - anyio.current_time()))
-            action = pinger.poll(anyio.current_time())
-            if action is PingAction.DEAD:
-                conn._end(DisconnectReason.SERVER_SILENT, f"{pinger.misses} pings unanswered")
-                return
-            if action is PingAction.SEND_PING:
-                # A send that cannot complete means the server is not reading at all; it
-                # also must not be cut off half-written, so the connection ends with it.
-                with anyio.move_on_after(policy.detection_bound) as stuck:
-                    await send_ping(conn)
-                if stuck.cancelled_caught:
-                    conn._end(DisconnectReason.SERVER_SILENT, "ping could not be sent")
-                    return
-                pinger.ping_sent(anyio.current_time())
+        assert send_ping is not None
+        await conn._ping_loop(send_ping, _server_silent)
 
     # -- after an attempt
 
@@ -269,12 +250,12 @@ class Connector(Generic[F]):
             partial = ended
         else:
             conn = ended
-            hint = conn._hint
+            hint = conn.retry_hint
             now = anyio.current_time()
-            established_at = conn._established_at
+            established_at = conn.established_at
             if established_at is not None and now - established_at >= self.config.healthy_after:
                 backoff.reset()
-            reason = conn._reason
+            reason = conn.reason
             assert reason is not None
             if established_at is None and hint is not None:
                 # Turned away with "come back later" before the session began: that is
@@ -285,7 +266,7 @@ class Connector(Generic[F]):
                 conn.attempt,
                 backoff_attempt=0,
                 delay=0.0,
-                error=conn._detail,
+                error=conn.detail,
                 established=established_at is not None,
                 connected_for=now - conn.opened_at,
             )
@@ -331,6 +312,10 @@ class Connector(Generic[F]):
 
     def __repr__(self) -> str:
         return f"<Connector {self.host}:{self.port} attempts={self._attempts}>"
+
+
+def _server_silent(conn: ClientConnection[F], detail: str) -> None:
+    conn._end(DisconnectReason.SERVER_SILENT, detail)
 
 
 def _describe(exc: OSError) -> str:

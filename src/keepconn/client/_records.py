@@ -6,9 +6,9 @@ import enum
 
 import attrs
 
-from .._backoff import Backoff
-from .._heartbeat import ActiveHeartbeat
-from .._validate import number
+from .._core.backoff import Backoff
+from .._core.heartbeat import ActiveHeartbeat
+from .._core.validate import number
 from ..tcp import TcpKeepalive
 
 __all__ = ["ClientConfig", "ConnectorStats", "Disconnect", "DisconnectReason"]

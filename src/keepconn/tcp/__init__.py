@@ -16,6 +16,7 @@ One-liners for each I/O stack (``ka = TcpKeepalive(idle=60, interval=10, count=6
 
 from __future__ import annotations
 
+from .._public import claim as _claim
 from ._census import Census as Census
 from ._census import CensusRow as CensusRow
 from ._census import census as census
@@ -47,3 +48,5 @@ __all__ = [
     "socket_of",
     "tcp_info",
 ]
+
+_claim(__name__, __all__, globals())

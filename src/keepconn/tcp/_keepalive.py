@@ -18,8 +18,8 @@ from typing import Any, Literal, Protocol, TypeAlias
 
 import attrs
 
-from .._errors import ConfigError, KeepconnError
-from .._validate import check_number, number
+from .._core.errors import ConfigError, KeepconnError
+from .._core.validate import check_number, number
 
 __all__ = [
     "AppliedKeepalive",
@@ -70,16 +70,17 @@ def socket_of(obj: object) -> SocketLike:
     """
     if isinstance(obj, socket.socket):
         return obj
-    # Imported here so that plain-socket users never pay for anyio's import.
-    from anyio import TypedAttributeLookupError, TypedAttributeProvider
-    from anyio.abc import SocketAttribute
-
-    if isinstance(obj, TypedAttributeProvider):
-        try:
-            raw: socket.socket = obj.extra(SocketAttribute.raw_socket)
-        except TypedAttributeLookupError:
-            raise TypeError(f"{obj!r} is not backed by a socket") from None
-        return raw
+    # An anyio stream can only exist once anyio is imported, so look it up instead of
+    # importing it: plain-socket users never pay for anyio, and this layer stays below it.
+    anyio = sys.modules.get("anyio")
+    anyio_abc = sys.modules.get("anyio.abc")
+    if anyio is not None and anyio_abc is not None:
+        if isinstance(obj, anyio.TypedAttributeProvider):
+            try:
+                raw: socket.socket = obj.extra(anyio_abc.SocketAttribute.raw_socket)
+            except anyio.TypedAttributeLookupError:
+                raise TypeError(f"{obj!r} is not backed by a socket") from None
+            return raw
     get_extra_info = getattr(obj, "get_extra_info", None)
     if callable(get_extra_info):
         sock = get_extra_info("socket")

@@ -8,9 +8,12 @@ them with ``pytest_plugins = ["keepconn.testing.pytest_plugin"]``.
 
 from __future__ import annotations
 
+from .._public import claim as _claim
 from ._netns import NetNs as NetNs
 from ._netns import NetnsError as NetnsError
 from ._netns import cleanup_stale as cleanup_stale
 from ._netns import netns_unavailable_reason as netns_unavailable_reason
 
 __all__ = ["NetNs", "NetnsError", "cleanup_stale", "netns_unavailable_reason"]
+
+_claim(__name__, __all__, globals())

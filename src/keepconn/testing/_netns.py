@@ -29,7 +29,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .._errors import KeepconnError
+from .._core.errors import KeepconnError
 
 __all__ = ["NetNs", "NetnsError", "cleanup_stale", "netns_unavailable_reason"]
 

@@ -36,8 +36,8 @@ from typing import Any
 
 import attrs
 
-from ._reasons import CloseReason
-from ._validate import number
+from .reasons import CloseReason
+from .validate import number
 
 __all__ = [
     "AddressFlappingConfig",

@@ -9,6 +9,9 @@ KeepconnError
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 __all__ = ["ConfigError", "HelloRejected", "KeepconnError", "ProtocolError", "SessionClosed"]
 
 
@@ -28,7 +31,17 @@ class SessionClosed(KeepconnError):
 
 
 class ProtocolError(KeepconnError):
-    """The peer broke the wire protocol; the connection is closed with PROTOCOL_ERROR."""
+    """The peer broke the wire protocol; the connection is closed with PROTOCOL_ERROR.
+
+    A framer that finds bad bytes after good frames in the same input passes those frames
+    along as ``frames``: the connection hands them to the application, in order, before it
+    raises the error (nothing a peer sent correctly is lost).
+    """
+
+    def __init__(self, *args: object, frames: Iterable[object] = ()) -> None:
+        super().__init__(*args)
+        #: The frames completed before the bad bytes, in order.
+        self.frames: tuple[Any, ...] = tuple(frames)
 
 
 class HelloRejected(KeepconnError):

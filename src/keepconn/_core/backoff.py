@@ -17,8 +17,8 @@ from typing import Literal
 
 import attrs
 
-from ._errors import ConfigError
-from ._validate import check_number, number
+from .errors import ConfigError
+from .validate import check_number, number
 
 __all__ = ["Backoff", "BackoffState", "Strategy", "jitter"]
 

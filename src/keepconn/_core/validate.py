@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ._errors import ConfigError
+from .errors import ConfigError
 
 __all__ = ["check_number", "number"]
 

@@ -38,9 +38,9 @@ from typing import Any
 
 import attrs
 
-from ._errors import ConfigError
-from ._reasons import CloseReason
-from ._validate import check_number
+from .errors import ConfigError
+from .reasons import CloseReason
+from .validate import check_number
 
 __all__ = ["RegistryStats", "Session", "SessionRegistry"]
 

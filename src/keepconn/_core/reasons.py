@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["CloseReason"]
+__all__ = ["ABORTIVE", "CloseReason"]
 
 
 class CloseReason(enum.Enum):
@@ -53,4 +53,18 @@ class CloseReason(enum.Enum):
 
 _DEAD = frozenset(
     {CloseReason.IDLE_TIMEOUT, CloseReason.HEARTBEAT_TIMEOUT, CloseReason.KEEPALIVE_TIMEOUT}
+)
+
+#: Reasons after which the peer is gone or displaced: the adapter closes abortively (RST, via
+#: SO_LINGER 0) so the socket does not sit in FIN_WAIT1 retransmitting a FIN nobody will
+#: acknowledge. Every other reason closes with a FIN.
+ABORTIVE = frozenset(
+    {
+        CloseReason.IDLE_TIMEOUT,
+        CloseReason.HEARTBEAT_TIMEOUT,
+        CloseReason.KEEPALIVE_TIMEOUT,
+        CloseReason.PEER_RESET,
+        CloseReason.TAKEN_OVER,
+        CloseReason.HELLO_TIMEOUT,
+    }
 )

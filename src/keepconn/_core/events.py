@@ -7,10 +7,10 @@ from typing import Any
 
 import attrs
 
-from ._admission import AdmissionStats
-from ._flapping import FlappingStats
-from ._reasons import CloseReason
-from ._registry import RegistryStats
+from .admission import AdmissionStats
+from .flapping import FlappingStats
+from .reasons import CloseReason
+from .registry import RegistryStats
 
 __all__ = [
     "ConnectionClosed",

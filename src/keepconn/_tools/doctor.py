@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import attrs
 
-from .tcp import TcpKeepalive
+from ..tcp import TcpKeepalive
 
 __all__ = ["Finding", "Severity", "diagnose", "recommend", "report"]
 

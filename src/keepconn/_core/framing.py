@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol, TypeVar
 
-from ._errors import ProtocolError
-from ._validate import check_number
+from .errors import ProtocolError
+from .validate import check_number
 
 __all__ = ["Framer", "LengthPrefixedFramer", "LineFramer"]
 

@@ -19,7 +19,7 @@ import enum
 
 import attrs
 
-from ._validate import number
+from .validate import number
 
 __all__ = [
     "ActiveHeartbeat",
@@ -44,7 +44,7 @@ class ActiveHeartbeat:
     misses: int = attrs.field(default=0, validator=number(min_inclusive=True, integer=True))
 
     def __attrs_post_init__(self) -> None:
-        from ._errors import ConfigError
+        from .errors import ConfigError
 
         if self.timeout > self.interval:
             # An answer may then arrive after the next ping went out, and round-trip times

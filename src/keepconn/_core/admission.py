@@ -32,9 +32,9 @@ from typing import Literal
 
 import attrs
 
-from ._errors import ConfigError
-from ._reasons import CloseReason
-from ._validate import check_number, number
+from .errors import ConfigError
+from .reasons import CloseReason
+from .validate import check_number, number
 
 __all__ = [
     "Admission",

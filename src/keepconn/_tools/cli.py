@@ -89,7 +89,7 @@ def _doctor_args(parser: argparse.ArgumentParser) -> Runner:
     )
 
     def run(args: argparse.Namespace) -> int:
-        from ._doctor import diagnose, report
+        from .doctor import diagnose, report
 
         return report(
             diagnose(args.sysctl_root), detect_within=args.detect_within, strict=args.strict
@@ -130,7 +130,7 @@ _STATE_ORDER = (
 
 
 def _run_sockets(args: argparse.Namespace) -> int:
-    from .tcp import census
+    from ..tcp import census
 
     first_seen: dict[tuple[str, int, str, int, int], float] = {}
     while True:

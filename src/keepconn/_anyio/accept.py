@@ -1,0 +1,65 @@
+"""The accept loop, and what it does when accept() fails.
+
+Errors that mean "short of a resource right now" (descriptors, buffers) leave the listening
+socket readable, so without a pause the loop would spin at 100 % CPU while the live sessions
+starve; it pauses briefly and tries again, since closes elsewhere free what accept needs
+(trio's serve_listeners does the same; anyio's Listener.serve does not). A peer that gave up
+before it was accepted is skipped. Anything else is logged and paced the same way: the live
+sessions matter more than the listener.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+
+from .failures import errno_of
+
+__all__ = ["accept_forever"]
+
+logger = logging.getLogger("keepconn.server")
+
+#: accept() errors that mean the process or the system is short of a resource right now.
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+#: accept() errors that mean the peer gave up before we accepted: nothing to serve.
+GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
+#: Seconds to wait after an accept() that failed for want of a resource.
+PAUSE = 0.1
+
+
+async def accept_forever(
+    listener: anyio.abc.SocketListener,
+    spawn: Callable[[anyio.abc.SocketStream], None],
+    *,
+    stopping: anyio.Event,
+    failed: Callable[[], None],
+) -> None:
+    """Accept connections and ``spawn(stream)`` each, until the listener closes.
+
+    ``failed()`` counts each accept() that failed for a reason other than a vanished peer.
+    """
+    while True:
+        try:
+            stream = await listener.accept()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
+            if isinstance(exc, anyio.ClosedResourceError) or stopping.is_set():
+                return
+            code = errno_of(exc)
+            if code in GONE_ERRNOS:
+                continue
+            failed()
+            if code in RESOURCE_ERRNOS:
+                logger.warning(
+                    "accept failed (%s); pausing %.0f ms",
+                    errno.errorcode.get(code or 0, code),
+                    PAUSE * 1000,
+                )
+            else:
+                logger.error("accept failed unexpectedly: %r; pausing", exc)
+            await anyio.sleep(PAUSE)
+            continue
+        spawn(stream)

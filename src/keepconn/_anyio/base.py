@@ -1,0 +1,249 @@
+"""What the server's and the client's connections share: reading frames, writing, pinging,
+the first-wins close reason, and the RST-or-FIN close.
+
+A connection owns its own state: the server and the connector call its methods and read its
+properties, they never write its fields. The two sides differ only in their reason enums and
+in a few hooks (what EOF means, whether a closing connection may still be written to), which
+the subclasses in :mod:`keepconn._anyio.connection` and :mod:`keepconn.client` fill in.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from .._core.errors import ProtocolError, SessionClosed
+from .._core.framing import Framer
+from .._core.heartbeat import PingAction, Pinger
+from ..tcp._socket import abort_on_close
+from .failures import TRANSPORT_ERRORS, Failure, failure_of
+
+if TYPE_CHECKING:
+    import socket
+
+__all__ = ["StreamConnection"]
+
+F = TypeVar("F")
+R = TypeVar("R", bound=enum.Enum)
+C = TypeVar("C", bound="StreamConnection[Any, Any]")
+
+
+class StreamConnection(Generic[F, R]):
+    """One TCP connection over an anyio stream, framed by a sans-I/O framer.
+
+    Subclasses set :attr:`REASONS` (what each :class:`Failure` is called on their side) and
+    :attr:`ABORTIVE` (the reasons whose close is a RST).
+    """
+
+    #: The reason each kind of failure is recorded as.
+    REASONS: ClassVar[Mapping[Failure, Any]]
+    #: Reasons after which the peer is believed gone or displaced: close with RST.
+    ABORTIVE: ClassVar[frozenset[Any]]
+
+    def __init__(self, stream: anyio.abc.SocketStream, framer: Framer[F], receive_size: int):
+        self._stream = stream
+        self._framer = framer
+        self._receive_size = receive_size
+        self._frames: deque[F] = deque()
+        # A framer's error waits here until the frames it completed first have been read:
+        # what a peer sent correctly reaches the application even when bad bytes follow it.
+        self._error: ProtocolError | None = None
+        # Covers the connection's whole life in the task that runs it: cancelling it is how
+        # any other task ends the connection.
+        self._scope = anyio.CancelScope()
+        self._reason: R | None = None
+        self._detail = ""
+        # FIN sent, still reading for a grace period (the server's graceful close).
+        self._graceful = False
+        self._bytes_in = 0
+        self._send_lock = anyio.Lock()
+        self._pinger: Pinger | None = None
+        self.opened_at = anyio.current_time()
+        #: The peer's address as the socket reports it, e.g. ("127.0.0.1", 50312).
+        self.peer: Any = _extra(stream, SocketAttribute.remote_address)
+        #: Free for the application (protocol state, the device record, ...).
+        self.context: Any = None
+
+    # -- state
+
+    @property
+    def reason(self) -> R | None:
+        """Why this connection is closing or closed, or None while it is open."""
+        return self._reason
+
+    @property
+    def detail(self) -> str:
+        """Words to go with :attr:`reason` (an errno name, an exception text)."""
+        return self._detail
+
+    @property
+    def rtt(self) -> float | None:
+        """The last measured round-trip time of a ping (heartbeat only)."""
+        return None if self._pinger is None else self._pinger.rtt
+
+    @property
+    def bytes_received(self) -> int:
+        """Bytes read from the socket so far."""
+        return self._bytes_in
+
+    @property
+    def stream(self) -> anyio.abc.SocketStream:
+        """The underlying anyio stream (for extras; read through :meth:`receive`)."""
+        return self._stream
+
+    def raw_socket(self) -> socket.socket:
+        """The connection's socket, for options and TCP_INFO."""
+        sock: socket.socket = self._stream.extra(SocketAttribute.raw_socket)
+        return sock
+
+    # -- reading and writing
+
+    async def receive(self) -> F:
+        """The next complete frame.
+
+        Raises anyio.EndOfStream when the peer has closed, ProtocolError when its bytes
+        cannot be framed (only once every frame before the bad bytes has been returned), and
+        SessionClosed once the connection is closing.
+        """
+        frames = self._frames
+        while not frames:
+            if self._error is not None:
+                self._record_failure(Failure.PROTOCOL, str(self._error))
+                raise self._error
+            if self._reason is not None and not self._graceful:
+                raise SessionClosed(f"connection is closing ({self._reason.name})")
+            try:
+                data = await self._stream.receive(self._receive_size)
+            except anyio.EndOfStream:
+                self._at_eof()
+                raise
+            except TRANSPORT_ERRORS as exc:
+                self._transport_failed(exc)
+                raise
+            self._bytes_in += len(data)
+            self._feed(data)
+            if frames:
+                self._showed_life()
+        return frames.popleft()
+
+    def _feed(self, data: bytes) -> None:
+        frames = self._frames
+        try:
+            # Extending one frame at a time keeps the frames a generator framer yielded before
+            # it raised; a list-returning framer hands those over on the error (its .frames).
+            frames.extend(self._framer.feed(data))
+        except ProtocolError as exc:
+            frames.extend(exc.frames)
+            self._error = exc
+
+    def __aiter__(self: C) -> C:
+        return self
+
+    async def send(self, data: bytes) -> None:
+        """Send bytes to the peer. Callbacks must write through this method, never through
+        ``stream`` directly: the handler and the ping task may send at the same time, and
+        the lock keeps their frames whole."""
+        self._check_writable()
+        async with self._send_lock:
+            try:
+                await self._stream.send(data)
+            except TRANSPORT_ERRORS as exc:
+                self._transport_failed(exc)
+                raise
+
+    # -- closing
+
+    def _record(self, reason: R, detail: str = "") -> bool:
+        """The one place a reason is set: the first one given wins. True if this one did."""
+        if self._reason is not None:
+            return False
+        self._reason = reason
+        self._detail = detail
+        return True
+
+    def _record_failure(self, failure: Failure, detail: str) -> None:
+        reason = self.REASONS[failure]
+        if reason is not None:
+            self._record(reason, detail)
+
+    def _end(self, reason: R, detail: str = "") -> None:
+        """Record ``reason`` (first wins) and end the connection's life now."""
+        self._record(reason, detail)
+        self._scope.cancel()
+
+    def _resets(self) -> bool:
+        """Whether the coming close is a RST rather than a FIN."""
+        return self._reason in self.ABORTIVE
+
+    async def _close_socket(self) -> None:
+        """Close the socket, abortively when :meth:`_resets` says so. Shield the call."""
+        if self._resets():
+            try:
+                abort_on_close(self.raw_socket())
+            except (OSError, ValueError, anyio.TypedAttributeLookupError):
+                pass  # already closed underneath us (uvloop reports a negative descriptor)
+        try:
+            await self._stream.aclose()
+        except (OSError, anyio.BrokenResourceError):
+            pass
+
+    # -- heartbeat
+
+    async def _ping_loop(
+        self: C,
+        send_ping: Callable[[C], Awaitable[None]],
+        on_dead: Callable[[C, str], None],
+    ) -> None:
+        """Send pings as the connection's :class:`Pinger` says, until it declares the peer
+        dead (then ``on_dead(conn, detail)`` and return)."""
+        pinger = self._pinger
+        assert pinger is not None
+        while True:
+            await anyio.sleep(max(0.0, pinger.next_deadline() - anyio.current_time()))
+            now = anyio.current_time()
+            action = pinger.poll(now)
+            if action is PingAction.DEAD:
+                on_dead(self, f"{pinger.misses} pings unanswered")
+                return
+            if action is PingAction.SEND_PING:
+                # The ping counts as sent now, and its send gets no longer than its answer
+                # would: a peer whose buffers are full (stopped, or gone with data in flight)
+                # is declared dead on time, not whenever the send gives up. A send cut off
+                # may have left half a frame on the wire, so the connection cannot go on.
+                pinger.ping_sent(now)
+                with anyio.move_on_after(max(0.0, pinger.next_deadline() - now)) as stuck:
+                    await send_ping(self)
+                if stuck.cancelled_caught:
+                    on_dead(self, "ping could not be sent")
+                    return
+
+    # -- hooks for the two sides
+
+    def _at_eof(self) -> None:
+        """The peer closed its side (EOF was read)."""
+        self._record_failure(Failure.EOF, "")
+
+    def _transport_failed(self, exc: BaseException) -> None:
+        """A read or write failed (the exception propagates after this)."""
+        self._record_failure(*failure_of(exc))
+
+    def _showed_life(self) -> None:
+        """At least one complete frame arrived."""
+
+    def _check_writable(self) -> None:
+        """Raise SessionClosed if nothing may be sent any more."""
+        if self._reason is not None:
+            raise SessionClosed(f"connection ended ({self._reason.name})")
+
+
+def _extra(stream: anyio.abc.SocketStream, attribute: Any) -> Any:
+    try:
+        return stream.extra(attribute)
+    except (anyio.TypedAttributeLookupError, OSError):
+        return None

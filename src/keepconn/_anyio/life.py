@@ -1,0 +1,321 @@
+"""A connection's life on the server, from accept to the close with its one reason::
+
+    accept ── admission ── hello (identify, within hello_timeout) ── session open / takeover
+          └─ refused: OVERLOADED   └─ HELLO_TIMEOUT, AUTH_FAILED    └─ handler runs; every
+                                                                     complete frame touches
+    ... ── close with exactly one CloseReason ── socket closed: RST for a dead or displaced peer,
+                                                 FIN otherwise; registry, stats, event, log line
+
+The verdicts (admission, bans, takeover) are the core's :class:`Gatekeeper`; this module does
+what they say and keeps the server's per-connection counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from typing import Generic, TypeVar
+
+import anyio
+import anyio.abc
+
+from .._core.backoff import jitter
+from .._core.config import Hello, ServerConfig
+from .._core.events import ConnectionClosed, ConnectionOpened, ServerEvent, SessionTakenOver
+from .._core.framing import Framer
+from .._core.heartbeat import Pinger, PingPolicer
+from .._core.opening import Gatekeeper, Refusal
+from .._core.reasons import CloseReason
+from .._core.registry import Session
+from .connection import Connection
+from .failures import Failure, errors_in, first_failure
+
+__all__ = ["Lifecycle"]
+
+logger = logging.getLogger("keepconn.server")
+
+F = TypeVar("F")
+
+Callback = Callable[[Connection[F]], Awaitable[None]]
+
+
+class Lifecycle(Generic[F]):
+    """Runs each accepted connection of one server and keeps count of them."""
+
+    def __init__(
+        self,
+        *,
+        config: ServerConfig,
+        gate: Gatekeeper,
+        identify: Callable[[Connection[F]], Awaitable[Hello]],
+        handler: Callback[F],
+        framer: Callable[[], Framer[F]],
+        send_ping: Callback[F] | None,
+        refuse: Callable[[anyio.abc.SocketStream, float], Awaitable[None]] | None,
+        emit: Callable[[ServerEvent], None],
+        stopping: anyio.Event,
+        rng: random.Random,
+    ) -> None:
+        self._config = config
+        self._gate = gate
+        self._registry = gate.registry
+        self._identify = identify
+        self._handler = handler
+        self._framer = framer
+        self._send_ping = send_ping
+        self._refuse = refuse
+        self._emit = emit
+        self._stopping = stopping
+        self._rng = rng
+        #: The open connections, hello phase included.
+        self.connections: set[Connection[F]] = set()
+        #: Set whenever no connection is open (shutdown waits on it).
+        self.idle = anyio.Event()
+        self.idle.set()
+        #: Connections in their hello now.
+        self.pending_hellos = 0
+        #: Closes by reason, hello-phase closes included.
+        self.closed: Counter[CloseReason] = Counter()
+        #: Due sessions kept open because their peer's bytes waited unread in the kernel.
+        self.spared = 0
+
+    # -- one connection
+
+    async def run(self, stream: anyio.abc.SocketStream) -> None:
+        """Serve one accepted stream until it closes."""
+        try:
+            framer = self._framer()
+        except Exception:
+            logger.exception("framer factory failed; closing the new connection")
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        conn = Connection(
+            stream, framer, receive_size=self._config.receive_size, on_event=self._emit
+        )
+        if not self.connections:
+            self.idle = anyio.Event()
+        self.connections.add(conn)
+        in_hello = False
+        try:
+            with conn._scope:
+                try:
+                    if not await self._admit(conn):
+                        return
+                    self._apply_keepalive(conn)
+                    in_hello = True
+                    self._hello_started(conn)
+                    hello = await self._hello(conn)
+                    self._hello_ended(conn)
+                    in_hello = False
+                    if hello is None:
+                        return
+                    if not await self._open_session(conn, hello):
+                        if hello.refusal is not None:
+                            with anyio.move_on_after(1.0):
+                                await conn.send(hello.refusal)
+                        return
+                    if hello.welcome is not None:
+                        await conn.send(hello.welcome)
+                    await self._serve_session(conn)
+                except BaseException as exc:
+                    self._failed(conn, exc)
+        finally:
+            if in_hello:
+                self._hello_ended(conn)
+                reason = conn.reason
+                if reason is not None:
+                    self._gate.record_hello_aborted(conn.host, anyio.current_time(), reason)
+            with anyio.CancelScope(shield=True):
+                await self._finish(conn)
+
+    def _failed(self, conn: Connection[F], exc: BaseException) -> None:
+        """Give the connection the reason ``exc`` stands for; re-raise what is not ours."""
+        errors = errors_in(exc)
+        if errors is None:
+            raise exc  # KeyboardInterrupt, SystemExit and the like are not ours
+        if not errors:
+            # Only cancellation. From outside (the task running serve(), Ctrl-C) it means the
+            # server is going away; this connection's own scope (close, max_age) has its reason
+            # already or gets it when it settles.
+            if conn.reason is None and not conn._scope.cancel_called:
+                conn._record(CloseReason.SHUTDOWN)
+            raise exc
+        # Errors, perhaps beside a cancellation in one group (trio reports a reset seen by the
+        # handler together with the cancel of its ping task). The task ends either way, so the
+        # cancellation need not travel further.
+        failure, detail = first_failure(errors)
+        conn._record_failure(failure, detail)
+        if failure is Failure.OTHER:
+            logger.error("handler for %r failed", conn, exc_info=errors[0])
+
+    def _hello_started(self, conn: Connection[F]) -> None:
+        self.pending_hellos += 1
+        admission = self._gate.admission
+        if admission is not None:
+            victim = admission.hello_started(conn)
+            if victim is not None:
+                # At the hello cap the oldest pending hello goes, not the newcomer: see
+                # AdmissionConfig for why.
+                assert isinstance(victim, Connection)
+                victim.close(CloseReason.OVERLOADED, "shed: oldest pending hello")
+
+    def _hello_ended(self, conn: Connection[F]) -> None:
+        self.pending_hellos -= 1
+        if self._gate.admission is not None:
+            self._gate.admission.hello_finished(conn)
+
+    async def _admit(self, conn: Connection[F]) -> bool:
+        """Admission at accept time: refused connections cost no hello parsing."""
+        if self._stopping.is_set():
+            conn._record(CloseReason.SHUTDOWN)
+            return False
+        refusal = self._gate.admit_connection(anyio.current_time(), conn.host)
+        if refusal is None:
+            return True
+        await self._refuse_connection(conn, refusal, refusal.retry_after)
+        return False
+
+    async def _refuse_connection(
+        self, conn: Connection[F], refusal: Refusal, retry_after: float | None
+    ) -> None:
+        conn._record(refusal.reason, refusal.detail)
+        if self._refuse is not None and retry_after is not None:
+            with anyio.move_on_after(1.0):
+                try:
+                    await self._refuse(conn.stream, retry_after)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+                    pass
+
+    def _apply_keepalive(self, conn: Connection[F]) -> None:
+        keepalive = self._config.keepalive
+        if keepalive is None:
+            return
+        try:
+            keepalive.apply(conn.raw_socket())
+        except OSError as exc:
+            # The peer may already be gone; the hello will find out.
+            logger.debug("keepalive not applied to %r: %s", conn, exc)
+
+    async def _hello(self, conn: Connection[F]) -> Hello | None:
+        with anyio.move_on_after(self._config.hello_timeout) as timer:
+            hello = await self._identify(conn)
+        if timer.cancelled_caught:
+            conn._record(CloseReason.HELLO_TIMEOUT)
+            return None
+        if not isinstance(hello, Hello):
+            raise TypeError(f"identify must return a Hello, got {hello!r}")
+        return hello
+
+    async def _open_session(self, conn: Connection[F], hello: Hello) -> bool:
+        if self._stopping.is_set() or conn.reason is not None:
+            # A hello that completes while the server shuts down (or while this connection is
+            # being closed) must not open a session, let alone take over a live one.
+            conn._record(CloseReason.SHUTDOWN)
+            return False
+        if conn._peer_gone():
+            # A hello read long after it was sent (the server was behind in a storm) from a
+            # peer that has since given up: it must not open a session, and above all not take
+            # over the live session that same device has opened on a newer connection.
+            conn._record(CloseReason.PEER_CLOSED, "gone before its hello was read")
+            return False
+        now = anyio.current_time()
+        identity = hello.identity
+        # Synchronous from the verdict to the open: no other task can interleave, so of any
+        # number of concurrent hellos for one identity exactly one session is live afterwards.
+        verdict = self._gate.open_session(now, identity, conn, timeout=hello.timeout)
+        if isinstance(verdict, Refusal):
+            if verdict.duplicate is not None:
+                # Two live devices share an identity: keep the incumbent, refuse the newcomer,
+                # and say so loudly instead of looping on takeovers.
+                until = verdict.duplicate.until if verdict.duplicate.until is not None else now
+                logger.warning(
+                    "duplicate identity %r: hosts %s keep taking it from each other; "
+                    "refusing newcomers for %.0f s",
+                    identity,
+                    " and ".join(map(str, verdict.duplicate.peers)),
+                    until - now,
+                )
+            # The application's own refusal (hello.refusal) speaks its protocol; the generic
+            # refuse callback is for connections refused before their hello was read.
+            hint = None if hello.refusal is not None else verdict.retry_after
+            await self._refuse_connection(conn, verdict, hint)
+            return False
+        config = self._config
+        pinger = Pinger(config.heartbeat, now) if config.heartbeat is not None else None
+        policer = PingPolicer(config.ping_rate) if config.ping_rate is not None else None
+        conn._attach(verdict.session, pinger, policer)
+        old = verdict.displaced
+        if old is not None:
+            old_conn: Connection[F] = old.conn
+            old_conn.close(CloseReason.TAKEN_OVER, f"by {conn.peer!r}")
+            self._emit(SessionTakenOver(identity, old_conn.peer, conn.peer))
+        self._emit(ConnectionOpened(identity, conn.peer, old is not None))
+        return True
+
+    async def _serve_session(self, conn: Connection[F]) -> None:
+        config = self._config
+        if config.max_age is not None:
+            # Spread the ends of connections that started together (gRPC does the same).
+            conn._end_life_by(
+                conn.opened_at + jitter(config.max_age, config.max_age_jitter, self._rng)
+            )
+        send_ping = self._send_ping
+        if conn._pinger is None or send_ping is None:
+            await self._handler(conn)
+            return
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(conn._ping_loop, send_ping, self._dead)
+            await self._handler(conn)
+            tasks.cancel_scope.cancel()
+
+    def _dead(self, conn: Connection[F], detail: str) -> None:
+        self.timed_out(conn, CloseReason.HEARTBEAT_TIMEOUT, detail)
+
+    def timed_out(self, conn: Connection[F], reason: CloseReason, detail: str) -> None:
+        """Close a peer believed dead (idle or heartbeat timeout), as the config says."""
+        if self._config.timeout_close == "graceful":
+            # The peer is declared dead now: its session ends now, so a reconnect during the
+            # grace is a fresh session (not a takeover) and it stops counting as live.
+            session = conn.session
+            if session is not None and session.reason is None:
+                self._registry.close(session, reason)
+            conn._close_gracefully(reason, self._config.close_grace, detail)
+        else:
+            conn.close(reason, detail)
+
+    def spare(self, session: Session) -> bool:
+        """The reaper's question for a due session: keep it (its bytes wait unread)?"""
+        conn: Connection[F] = session.conn
+        if not conn._spared():
+            return False
+        self.spared += 1
+        logger.debug("spared %r: unread bytes wait in the kernel", conn)
+        return True
+
+    async def _finish(self, conn: Connection[F]) -> None:
+        """Close the socket and account for the close, exactly once per connection."""
+        reason = conn._settle(self._stopping.is_set())
+        session = conn.session
+        if session is not None and session.reason is None:
+            self._registry.close(session, reason)
+        await conn._close_socket()
+        self.connections.discard(conn)
+        if not self.connections:
+            self.idle.set()
+        self.closed[reason] += 1
+        duration = anyio.current_time() - conn.opened_at
+        identity = None if session is None else session.key
+        if reason is not CloseReason.OVERLOADED or logger.isEnabledFor(logging.DEBUG):
+            logger.log(
+                logging.INFO if reason is not CloseReason.OVERLOADED else logging.DEBUG,
+                "closed peer=%s identity=%r reason=%s after %.3f s%s",
+                conn.peer,
+                identity,
+                reason.name,
+                duration,
+                f" ({conn.detail})" if conn.detail else "",
+            )
+        self._emit(ConnectionClosed(identity, conn.peer, reason, duration, conn.detail))

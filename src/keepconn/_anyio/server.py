@@ -1,0 +1,299 @@
+"""The server: listeners, the tasks that serve them, shutdown, and what it reports.
+
+This adapter owns the sockets, tasks and the clock; every decision about time and admission
+lives in the sans-I/O core (:class:`SessionRegistry`, :class:`Gatekeeper`, :class:`Pinger`,
+:class:`PingPolicer`). One code path serves asyncio, uvloop and trio through anyio. The jobs are
+split by module: :mod:`.accept` (the accept loop and its errno policy), :mod:`.life` (one
+connection from accept to close), :mod:`.reaper`, :mod:`.shutdown`; this one wires them.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar, cast
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from .._core.admission import AdmissionController
+from .._core.config import Hello, ServerConfig
+from .._core.errors import ConfigError
+from .._core.events import ServerEvent, ServerStats, SocketAudit
+from .._core.flapping import AddressFlappingDetector, FlappingDetector
+from .._core.framing import Framer
+from .._core.opening import Gatekeeper
+from .._core.reasons import CloseReason
+from .._core.registry import Session, SessionRegistry
+from .accept import accept_forever
+from .connection import Connection
+from .life import Lifecycle
+from .reaper import reap_forever
+from .shutdown import drain
+
+__all__ = ["Server"]
+
+logger = logging.getLogger("keepconn.server")
+
+F = TypeVar("F")
+
+
+class Server(Generic[F]):
+    """Serves connections with liveness tracking. Runs on asyncio, uvloop and trio.
+
+    :param identify: ``async (conn) -> Hello``: read the peer's first frame(s) with
+        ``conn.receive()``, authenticate, and return its identity; raise HelloRejected (after
+        sending any refusal) to close it with AUTH_FAILED.
+    :param handler: ``async (conn) -> None``: serve the session; read with ``conn.receive()``.
+        Returning closes the connection (APPLICATION, unless a reason was set).
+    :param framer: ``() -> Framer``: a new framer for each connection.
+    :param send_ping: ``async (conn) -> None``: send one application ping (active heartbeat).
+    :param goodbye: ``async (conn, retry_after) -> None``: tell a peer the server is going
+        away and when to come back (shutdown).
+    :param refuse: ``async (stream, retry_after) -> None``: say "come back later" to a
+        connection refused by admission control, before it is closed with OVERLOADED.
+    :param on_event: called with every ServerEvent (keep it quick; it runs inline).
+    """
+
+    def __init__(
+        self,
+        *,
+        identify: Callable[[Connection[F]], Awaitable[Hello]],
+        handler: Callable[[Connection[F]], Awaitable[None]],
+        framer: Callable[[], Framer[F]],
+        config: ServerConfig | None = None,
+        send_ping: Callable[[Connection[F]], Awaitable[None]] | None = None,
+        goodbye: Callable[[Connection[F], float], Awaitable[None]] | None = None,
+        refuse: Callable[[anyio.abc.SocketStream, float], Awaitable[None]] | None = None,
+        on_event: Callable[[ServerEvent], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config = config if config is not None else ServerConfig()
+        if config.heartbeat is not None and send_ping is None:
+            raise ConfigError("heartbeat (active) needs a send_ping callback")
+        self._goodbye = goodbye
+        self._on_event = on_event
+        self._rng = rng if rng is not None else random.Random()
+        self.registry = SessionRegistry(
+            timeout=config.idle_timeout, resolution=config.reap_resolution
+        )
+        self.admission = (
+            AdmissionController(config.admission, rng=self._rng)
+            if config.admission is not None
+            else None
+        )
+        self.flapping = FlappingDetector(config.flapping) if config.flapping is not None else None
+        self.address_flapping = (
+            AddressFlappingDetector(config.address_flapping)
+            if config.address_flapping is not None
+            else None
+        )
+        self._gate = Gatekeeper(self.registry, self.admission, self.flapping, self.address_flapping)
+        self._stopping = anyio.Event()
+        self._lives = Lifecycle(
+            config=config,
+            gate=self._gate,
+            identify=identify,
+            handler=handler,
+            framer=framer,
+            send_ping=send_ping,
+            refuse=refuse,
+            emit=self._emit,
+            stopping=self._stopping,
+            rng=self._rng,
+        )
+        self._accepted = 0
+        self._accept_errors = 0
+        self._listeners: list[anyio.abc.SocketListener] = []
+        self._serving = False
+        self._stopped = anyio.Event()
+        self._started = anyio.Event()
+        #: The bound (host, port) pairs once serving; empty before.
+        self.addresses: list[tuple[str, int]] = []
+
+    # -- running
+
+    async def serve_tcp(
+        self,
+        host: str | Sequence[str] | None = "127.0.0.1",
+        port: int = 0,
+        *,
+        backlog: int = 4096,
+        task_status: anyio.abc.TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen on ``host``:``port`` (IPv4 and/or IPv6; None means all interfaces) and serve
+        until :meth:`shutdown`. ``task_status.started`` receives the bound addresses."""
+        hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
+        listeners: list[anyio.abc.SocketListener] = []
+        try:
+            for one in hosts:
+                multi = await anyio.create_tcp_listener(
+                    local_host=one, local_port=port, backlog=backlog
+                )
+                listeners.extend(cast("list[anyio.abc.SocketListener]", multi.listeners))
+                if port == 0 and len(hosts) > 1:
+                    # Serve every host on the port the first one was given.
+                    port = listeners[0].extra(SocketAttribute.local_port)
+        except BaseException:
+            for listener in listeners:
+                await listener.aclose()
+            raise
+        await self.serve(listeners, task_status=task_status)
+
+    async def serve(
+        self,
+        listeners: anyio.abc.Listener[Any] | Iterable[anyio.abc.SocketListener],
+        *,
+        task_status: anyio.abc.TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve existing listeners until :meth:`shutdown` (which closes them)."""
+        if self._serving or self._started.is_set():
+            raise RuntimeError("a Server serves once; make a new one to serve again")
+        # One listener, anyio's MultiListener (what create_tcp_listener returns), or several.
+        given: Iterable[Any] = (
+            [listeners] if isinstance(listeners, anyio.abc.Listener) else listeners
+        )
+        found: list[anyio.abc.SocketListener] = []
+        for listener in given:
+            found.extend(getattr(listener, "listeners", [listener]))
+        self._listeners = found
+        self._serving = True
+        config = self.config
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._reap, name="keepconn reaper")
+                for listener in self._listeners:
+                    tasks.start_soon(self._accept, listener, tasks, name="keepconn accept")
+                self.addresses = [
+                    tuple(ln.extra(SocketAttribute.local_address))[:2]  # type: ignore[misc]
+                    for ln in found
+                ]
+                self._started.set()
+                task_status.started(self.addresses)
+                await self._stopping.wait()
+                await drain(self._listeners, self._lives, config, self._goodbye, self._rng)
+                tasks.cancel_scope.cancel()
+        finally:
+            self._serving = False
+            with anyio.CancelScope(shield=True):
+                for listener in self._listeners:
+                    await listener.aclose()
+            self._stopped.set()
+
+    async def wait_serving(self) -> list[tuple[str, int]]:
+        """Wait until the server is accepting; returns the bound addresses.
+
+        For programs that start :meth:`serve_tcp` as a plain task (``asyncio.create_task``)
+        rather than with anyio's ``TaskGroup.start``.
+        """
+        await self._started.wait()
+        return self.addresses
+
+    async def shutdown(self) -> None:
+        """Stop accepting, tell every peer it is going away (with a jittered reconnect hint),
+        give them ``shutdown_grace`` seconds, then abort the stragglers. Returns when done."""
+        self._stopping.set()
+        if self._serving:
+            await self._stopped.wait()
+
+    # -- the server's tasks
+
+    async def _accept(self, listener: anyio.abc.SocketListener, tasks: anyio.abc.TaskGroup) -> None:
+        def spawn(stream: anyio.abc.SocketStream) -> None:
+            self._accepted += 1
+            tasks.start_soon(self._lives.run, stream)
+
+        def failed() -> None:
+            self._accept_errors += 1
+
+        await accept_forever(listener, spawn, stopping=self._stopping, failed=failed)
+
+    async def _reap(self) -> None:
+        lives = self._lives
+
+        def expired(session: Session, now: float) -> None:
+            detail = f"silent for {now - session.last_seen:.2f} s"
+            lives.timed_out(session.conn, CloseReason.IDLE_TIMEOUT, detail)
+
+        await reap_forever(
+            self.registry, self.config.reap_batch, spare=lives.spare, expired=expired
+        )
+
+    # -- observability
+
+    async def audit(self) -> SocketAudit:
+        """Read the kernel's socket table for the server's ports and account for every
+        ESTABLISHED socket (see :class:`SocketAudit`). Linux only; the table is read in a
+        worker thread because it can be megabytes with a large fleet."""
+        from ..tcp import census
+
+        ports = {port for _, port in self.addresses}
+        # The table is read while connections come and go: a connection known before the read
+        # or after it owns its row (one that finished in between is counted as closing).
+        connections = self._lives.connections
+        before = {conn.inode: conn for conn in connections}
+        table = await anyio.to_thread.run_sync(census)
+        owners = {conn.inode: conn for conn in connections}
+        for inode, known in before.items():
+            owners.setdefault(inode, known)
+        counts: Counter[str] = Counter()
+        buckets: Counter[str] = Counter()
+        for row in table.sockets:
+            if row.local_port not in ports:
+                continue
+            counts[row.state] += 1
+            if row.state != "ESTABLISHED":
+                continue
+            owner = owners.get(row.inode) if row.inode else None
+            if row.inode == 0:
+                buckets["unaccepted"] += 1
+            elif owner is None:
+                buckets["phantoms"] += 1
+            elif owner.reason is not None or owner not in connections:
+                buckets["closing"] += 1
+            elif owner.session is None:
+                buckets["in_hello"] += 1
+            else:
+                buckets["with_session"] += 1
+        return SocketAudit(
+            established=counts["ESTABLISHED"],
+            with_session=buckets["with_session"],
+            in_hello=buckets["in_hello"],
+            closing=buckets["closing"],
+            unaccepted=buckets["unaccepted"],
+            phantoms=buckets["phantoms"],
+            close_wait=counts["CLOSE_WAIT"],
+            counts=dict(counts),
+        )
+
+    def _emit(self, event: ServerEvent) -> None:
+        if self._on_event is not None:
+            try:
+                self._on_event(event)
+            except Exception:
+                logger.exception("on_event callback failed for %r", event)
+
+    @property
+    def connections(self) -> tuple[Connection[F], ...]:
+        """A snapshot of the open connections (hello phase included)."""
+        return tuple(self._lives.connections)
+
+    def stats(self) -> ServerStats:
+        """A frozen snapshot of the server's counters."""
+        now = anyio.current_time()
+        lives = self._lives
+        return ServerStats(
+            connections=len(lives.connections),
+            pending_hellos=lives.pending_hellos,
+            accepted=self._accepted,
+            accept_errors=self._accept_errors,
+            closed={reason: lives.closed[reason] for reason in CloseReason},
+            takeovers=self._gate.takeovers,
+            spared=lives.spared,
+            registry=self.registry.stats(),
+            admission=None if self.admission is None else self.admission.stats(now),
+            flapping=None if self.flapping is None else self.flapping.stats(now),
+        )
