@@ -21,7 +21,7 @@ from keepconn.testing import NetNs
 from tests.lineapp import Client, closes, serving, wait_for
 
 pytestmark = pytest.mark.anyio
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 BASE = dict(admission=None, flapping=None)
 
 

@@ -1,0 +1,1 @@
+"""keepconn's test suite."""

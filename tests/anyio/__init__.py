@@ -1,0 +1,1 @@
+"""Tests of the anyio runtime (keepconn._anyio) on real loopback sockets and in namespaces."""

@@ -1,0 +1,1 @@
+"""Tests of keepconn.testing: the namespace harness."""
