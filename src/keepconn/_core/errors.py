@@ -4,7 +4,12 @@ KeepconnError
 ├── ConfigError (also a ValueError)   a configuration value is out of range; raised when built
 ├── SessionClosed                     an operation needs a live session and this one has ended
 ├── ProtocolError                     a peer sent bytes that break the application's framing
-└── HelloRejected                     the application refused a peer's hello (AUTH_FAILED)
+├── HelloRejected                     the application refused a peer's hello (AUTH_FAILED)
+├── tcp.UnsupportedOption             the platform lacks a socket option that was asked for
+└── testing.NetnsError                a network namespace could not be built or changed
+
+The last two live with the namespaces that raise them (``keepconn.tcp``, ``keepconn.testing``);
+a test checks that this tree names every exception class keepconn defines.
 """
 
 from __future__ import annotations
