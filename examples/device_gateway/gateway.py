@@ -91,6 +91,7 @@ from keepconn import (
     FlappingConfig,
     Hello,
     HelloRejected,
+    ProtocolError,
     Server,
     ServerConfig,
 )
@@ -316,10 +317,12 @@ class Gateway:
                     # exception itself (PROTOCOL_ERROR and its reason), not an ExceptionGroup.
                     failure = exc
                 device.outbox.close()
-                # Let the writer send what is queued, but never wait long on a peer that
-                # stopped reading, and not at all after a failure.
+                # Let the writer send what is queued (the PUBACKs of what the device sent
+                # correctly before a malformed packet among them), but never wait long on a
+                # peer that stopped reading, and not at all once the connection has broken.
+                broken = failure is not None and not isinstance(failure, ProtocolError)
                 tasks.cancel_scope.deadline = anyio.current_time() + (
-                    0 if failure is not None else FLUSH_TIMEOUT
+                    0 if broken else FLUSH_TIMEOUT
                 )
         finally:
             users_devices.discard(device)

@@ -127,8 +127,14 @@ class MQTTProtocolError(ProtocolError):
     identifier rejected); otherwise the connection is closed without a reply.
     """
 
-    def __init__(self, reason: str, *, connack_code: ConnackCode | None = None) -> None:
-        super().__init__(reason)
+    def __init__(
+        self,
+        reason: str,
+        *,
+        connack_code: ConnackCode | None = None,
+        frames: Iterable[Packet] = (),
+    ) -> None:
+        super().__init__(reason, frames=frames)
         self.reason = reason
         self.connack_code = connack_code
 
@@ -645,11 +651,24 @@ class Decoder:
         return self._error
 
     def feed(self, data: bytes) -> list[Packet]:
-        """Add ``data`` and return every packet it completes, in order (often none)."""
+        """Add ``data`` and return every packet it completes, in order (often none).
+
+        When a malformed packet follows valid ones in ``data``, the error raised carries those
+        packets as its ``frames`` (keepconn's framer contract: nothing sent correctly is lost).
+        """
         self.receive_data(data)
-        packets = []
-        while (packet := self.next_packet()) is not None:
-            packets.append(packet)
+        packets: list[Packet] = []
+        try:
+            while (packet := self.next_packet()) is not None:
+                packets.append(packet)
+        except MQTTProtocolError as exc:
+            if not packets:
+                raise
+            # A copy for this call alone: the decoder keeps the bare error for later calls,
+            # which must not hand these packets over a second time.
+            raise MQTTProtocolError(
+                exc.reason, connack_code=exc.connack_code, frames=packets
+            ) from exc
         return packets
 
     def receive_data(self, data: bytes) -> None:

@@ -52,9 +52,11 @@ class Connection(StreamConnection[F, CloseReason]):
         *,
         receive_size: int,
         on_event: Callable[[ServerEvent], None],
+        order: int = 0,
     ):
         super().__init__(stream, framer, receive_size)
         self._emit = on_event
+        self._order = order
         self._session: Session | None = None
         self._policer: PingPolicer | None = None
         self._peer_closed = False
@@ -86,6 +88,11 @@ class Connection(StreamConnection[F, CloseReason]):
         peer = self.peer
         host: Hashable = peer[0] if isinstance(peer, tuple) and peer else peer
         return host
+
+    @property
+    def order(self) -> int:
+        """The connection's place in its server's accept order (1 for the first)."""
+        return self._order
 
     @property
     def inode(self) -> int:

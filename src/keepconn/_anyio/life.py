@@ -83,8 +83,9 @@ class Lifecycle(Generic[F]):
 
     # -- one connection
 
-    async def run(self, stream: anyio.abc.SocketStream) -> None:
-        """Serve one accepted stream until it closes."""
+    async def run(self, stream: anyio.abc.SocketStream, order: int) -> None:
+        """Serve one accepted stream until it closes; ``order`` is its place in the accept
+        order (counted when accepted: tasks need not start in the order they were spawned)."""
         try:
             framer = self._framer()
         except Exception:
@@ -93,7 +94,11 @@ class Lifecycle(Generic[F]):
                 await stream.aclose()
             return
         conn = Connection(
-            stream, framer, receive_size=self._config.receive_size, on_event=self._emit
+            stream,
+            framer,
+            receive_size=self._config.receive_size,
+            on_event=self._emit,
+            order=order,
         )
         if not self.connections:
             self.idle = anyio.Event()

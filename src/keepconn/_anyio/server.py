@@ -204,7 +204,7 @@ class Server(Generic[F]):
     async def _accept(self, listener: anyio.abc.SocketListener, tasks: anyio.abc.TaskGroup) -> None:
         def spawn(stream: anyio.abc.SocketStream) -> None:
             self._accepted += 1
-            tasks.start_soon(self._lives.run, stream)
+            tasks.start_soon(self._lives.run, stream, self._accepted)
 
         def failed() -> None:
             self._accept_errors += 1

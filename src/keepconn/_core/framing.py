@@ -1,14 +1,25 @@
 """Framers: turn a byte stream into complete frames, sans-I/O.
 
 The server touches a session once per *complete* frame, so it needs to know where frames end.
-The application supplies a framer (anything with ``feed(data) -> list of frames`` that raises
-:class:`~keepconn.ProtocolError` on malformed input); two common ones are provided. A trickle of
-partial frames never counts as life, which is what defeats slowloris-style peers.
+The application supplies a framer; two common ones are provided. A trickle of partial frames
+never counts as life, which is what defeats slowloris-style peers.
+
+The contract (what a framer of your own must do):
+
+* ``feed(data)`` adds ``data`` to what the framer holds and returns the frames it completed, in
+  order: a list, or any iterable (a generator works too).
+* Bytes that can never become a valid frame raise :class:`~keepconn.ProtocolError` (or a
+  subclass). **Nothing a peer sent correctly may be lost with it**: when good frames precede
+  the bad bytes in the same ``data``, pass them along, ``raise ProtocolError(msg,
+  frames=good)``; a generator may instead simply yield them before it raises. The connection
+  hands those frames to the application first and raises the error after them, so what reaches
+  the handler does not depend on how TCP split the bytes.
+* After raising, the framer is finished: the connection never feeds it again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Protocol, TypeVar
 
 from .errors import ProtocolError
@@ -22,10 +33,11 @@ F_co = TypeVar("F_co", covariant=True)
 class Framer(Protocol[F_co]):
     """Splits inbound bytes into frames. Keeps partial input between calls."""
 
-    def feed(self, data: bytes) -> Sequence[F_co]:
-        """Add ``data``; return the frames it completed (possibly none).
+    def feed(self, data: bytes) -> Iterable[F_co]:
+        """Add ``data``; return the frames it completed (possibly none), in order.
 
-        Raises ProtocolError (or a subclass) when the input can never become a valid frame.
+        Raises ProtocolError (or a subclass) when the input can never become a valid frame,
+        with the frames completed before the bad bytes as its ``frames``.
         """
         ...
 
@@ -46,15 +58,23 @@ class LineFramer:
         buffer = self._buffer
         start = len(buffer)
         buffer += data
+        limit = self._max
         if buffer.find(b"\n", start) < 0:
-            if len(buffer) > self._max:
-                raise ProtocolError(f"line longer than {self._max} bytes")
+            # Room for a "\r" that may still come before the "\n".
+            if len(buffer) > limit + 1:
+                raise ProtocolError(f"line longer than {limit} bytes")
             return []
         *lines, rest = buffer.split(b"\n")
         self._buffer = bytearray(rest)
-        if len(rest) > self._max or any(len(line) > self._max + 1 for line in lines):
-            raise ProtocolError(f"line longer than {self._max} bytes")
-        return [bytes(line[:-1]) if line.endswith(b"\r") else bytes(line) for line in lines]
+        frames: list[bytes] = []
+        for line in lines:
+            frame = bytes(line[:-1]) if line.endswith(b"\r") else bytes(line)
+            if len(frame) > limit:
+                raise ProtocolError(f"line longer than {limit} bytes", frames=frames)
+            frames.append(frame)
+        if len(rest) > limit + 1:
+            raise ProtocolError(f"line longer than {limit} bytes", frames=frames)
+        return frames
 
 
 class LengthPrefixedFramer:
@@ -77,7 +97,9 @@ class LengthPrefixedFramer:
         while len(buffer) - offset >= 4:
             length = int.from_bytes(buffer[offset : offset + 4], "big")
             if length > self._max:
-                raise ProtocolError(f"declared frame length {length} exceeds {self._max}")
+                raise ProtocolError(
+                    f"declared frame length {length} exceeds {self._max}", frames=frames
+                )
             end = offset + 4 + length
             if len(buffer) < end:
                 break

@@ -12,6 +12,11 @@ one synchronous step, gives two guarantees that do not depend on the adapter's s
 
 The order of the checks in :meth:`Gatekeeper.open_session`, and why:
 
+0. a stale hello: one read on a connection accepted *before* the connection that holds the
+   identity's session never takes that session over. The device opened the newer connection
+   after giving up on the older one (the server was behind in a storm and read the older
+   CONNECT late); the kernel cannot tell, since the older socket may still be ESTABLISHED.
+   Accept order is the one thing the server knows for certain, so it decides;
 1. the session cap (admission): a takeover is never refused, since it adds no session and
    refusing it would keep a phantom alive;
 2. the identity's flapping ban, then duplicate detection (two live devices taking one identity
@@ -41,6 +46,11 @@ class Candidate(Protocol):
     @property
     def host(self) -> Hashable:
         """The peer's host (its address without the port), for bans and duplicate detection."""
+        ...
+
+    @property
+    def order(self) -> int:
+        """When the connection was accepted, as a count: a later accept has a larger order."""
         ...
 
 
@@ -73,7 +83,7 @@ class Gatekeeper:
     opening a session here is the one place sessions are opened.
     """
 
-    __slots__ = ("registry", "admission", "flapping", "address_flapping", "takeovers")
+    __slots__ = ("registry", "admission", "flapping", "address_flapping", "takeovers", "stale")
 
     def __init__(
         self,
@@ -88,6 +98,8 @@ class Gatekeeper:
         self.address_flapping = address_flapping
         #: Sessions taken over since start.
         self.takeovers = 0
+        #: Stale hellos refused since start (see STALE_HELLO).
+        self.stale = 0
 
     def admit_connection(self, now: float, host: Hashable) -> Refusal | None:
         """At accept, before any byte is read: None to go on to the hello, else a refusal.
@@ -118,6 +130,13 @@ class Gatekeeper:
         """
         registry = self.registry
         old = registry.get(identity)
+        if old is not None:
+            incumbent: Candidate = old.conn
+            if conn.order < incumbent.order:
+                self.stale += 1
+                return Refusal(
+                    CloseReason.STALE_HELLO, f"a newer connection holds {identity!r}'s session"
+                )
         if self.admission is not None:
             decision = self.admission.admit_session(now, len(registry), takeover=old is not None)
             if not decision.admitted:
@@ -125,8 +144,7 @@ class Gatekeeper:
         if self.flapping is not None:
             verdict = self.flapping.record_hello(identity, now)
             if verdict.ok and old is not None:
-                incumbent: Candidate = old.conn
-                verdict = self.flapping.record_takeover(identity, incumbent.host, conn.host, now)
+                verdict = self.flapping.record_takeover(identity, old.conn.host, conn.host, now)
             if not verdict.ok:
                 until = verdict.until if verdict.until is not None else now
                 detail = f"{verdict.kind.value} for {until - now:.0f} s more"

@@ -30,6 +30,10 @@ class CloseReason(enum.Enum):
     HELLO_TIMEOUT = "hello_timeout"
     #: The peer's hello was rejected.
     AUTH_FAILED = "auth_failed"
+    #: The hello was read on a connection older than the one that holds the identity's
+    #: session: the device gave up on this connection and has moved on (a storm, the server
+    #: behind), so this hello is stale and must not take the newer session over.
+    STALE_HELLO = "stale_hello"
     #: The peer broke the wire protocol.
     PROTOCOL_ERROR = "protocol_error"
     #: The peer pinged faster than allowed, repeatedly.
@@ -66,5 +70,6 @@ ABORTIVE = frozenset(
         CloseReason.PEER_RESET,
         CloseReason.TAKEN_OVER,
         CloseReason.HELLO_TIMEOUT,
+        CloseReason.STALE_HELLO,
     }
 )
