@@ -90,10 +90,7 @@ from typing import Any
 import attrs
 import psutil
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "examples" / "device_gateway"))
-
-from fleet import (  # noqa: E402
+from device_gateway.fleet import (
     DeviceProfile,
     Fleet,
     GatewayProcess,
@@ -101,9 +98,9 @@ from fleet import (  # noqa: E402
     netns_reason,
     write_users,
 )
+from keepconn.tcp import census
 
-from keepconn.tcp import census  # noqa: E402
-
+ROOT = Path(__file__).resolve().parent.parent
 NAIVE_SCRIPT = ROOT / "benchmarks" / "naive_gateway.py"
 OUT = ROOT / "out"
 SYSTEMS = ("keepconn", "mosquitto", "naive")

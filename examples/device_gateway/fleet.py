@@ -84,10 +84,7 @@ from typing import Any
 import anyio
 import attrs
 
-# The codec sits beside this file; make it importable however this module was reached.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from mqtt_codec import (  # noqa: E402
+from device_gateway.mqtt_codec import (
     Connack,
     Connect,
     Decoder,
@@ -101,8 +98,7 @@ from mqtt_codec import (  # noqa: E402
     Subscribe,
     encode,
 )
-
-from keepconn import Backoff  # noqa: E402
+from keepconn import Backoff
 
 __all__ = [
     "Cell",

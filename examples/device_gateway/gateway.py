@@ -36,8 +36,9 @@ What it does with each connection (the MQTT parts are in this file; keepconn doe
   humans) shows sessions, closes by reason, takeovers and the kernel's census of the port.
 
 Sibling modules: ``mqtt_codec`` (the sans-I/O protocol), ``sink`` (where telemetry goes),
-``status`` (the HTTP page). They are imported by plain name because this script's directory
-is on ``sys.path`` when it runs.
+``status`` (the HTTP page), ``topics`` (subscription matching), imported as ``device_gateway.*``:
+the package is installed (``pip install -e examples``, which ``make setup`` runs), or the folder
+holding ``device_gateway`` is the current one with ``python -m device_gateway.gateway``.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ import anyio.abc
 import attrs
 from anyio.abc import SocketAttribute
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
-from mqtt_codec import (
+
+from device_gateway.mqtt_codec import (
     DEFAULT_MAX_REMAINING_LENGTH,
     PROTOCOL_MAX_REMAINING_LENGTH,
     Connack,
@@ -81,9 +83,9 @@ from mqtt_codec import (
     Will,
     encode,
 )
-from sink import Recorder, SinkError, SQLiteSink, Telemetry, now_wall
-from status import serve_status
-
+from device_gateway.sink import Recorder, SinkError, SQLiteSink, Telemetry, now_wall
+from device_gateway.status import serve_status
+from device_gateway.topics import SubscriptionIndex, topic_matches
 from keepconn import (
     AdmissionConfig,
     CloseReason,
@@ -95,7 +97,6 @@ from keepconn import (
     ServerConfig,
 )
 from keepconn.tcp import TcpKeepalive, TcpState
-from topics import SubscriptionIndex, topic_matches
 
 __all__ = ["Gateway", "Users", "UsersFileError", "build_parser", "main", "topic_matches"]
 
@@ -705,4 +706,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Run as a script or with -m, this module is __main__; nothing imports it a second time as
+    # device_gateway.gateway (the package's __init__ imports nothing), so there is one copy.
     raise SystemExit(main())
