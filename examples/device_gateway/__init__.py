@@ -1,7 +1,8 @@
 """keepconn's example MQTT 3.1.1 device gateway, and the device fleet that exercises it.
 
-The gateway: ``gateway`` (the program and its MQTT session logic), ``mqtt_codec`` (a sans-I/O
-MQTT 3.1.1 codec), ``sink`` (where telemetry goes), ``status`` (the loopback status page) and
+The gateway: ``gateway`` (the program), ``sessions`` (its MQTT session logic), ``mqtt_codec`` (a
+sans-I/O MQTT 3.1.1 codec, whose parts are ``mqtt_packets``, ``mqtt_parsers``, ``mqtt_decoder``
+and ``mqtt_encoder``), ``sink`` (where telemetry goes), ``status`` (the loopback status page) and
 ``topics`` (subscription matching). The device-fleet simulator that the demo and the benchmarks
 drive: ``fleet`` (the coordinator and its command line), ``fleet_device`` (one device),
 ``fleet_worker`` (the worker process), ``fleet_cells`` (network namespaces, root only) and
