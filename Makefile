@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed
 
 setup: $(STAMP) sysdeps
 
-# The venv is rebuilt whenever the project's declared dependencies change.
-$(STAMP): pyproject.toml
+# The venv is rebuilt whenever the project's declared dependencies change. The example gateway
+# is installed in development mode too, so everything imports it as `device_gateway.*`.
+$(STAMP): pyproject.toml examples/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e examples
 	touch $(STAMP)
 
 # Debian tools the fault tests and the gateway's real-client tests use (iproute2 for namespaces,
@@ -39,4 +41,4 @@ bench: setup
 	$(PY) benchmarks/registry.py
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build dist src/*.egg-info examples/*.egg-info .mypy_cache .ruff_cache .hypothesis

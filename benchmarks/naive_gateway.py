@@ -58,10 +58,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-# The codec lives with the example gateway; import it the way that example's programs do.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "device_gateway"))
-
-from mqtt_codec import (  # noqa: E402
+from device_gateway.mqtt_codec import (
     Connack,
     ConnackCode,
     Connect,

@@ -38,12 +38,9 @@ import sys
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, cast
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "device_gateway"))
-
-from mqtt_codec import (  # noqa: E402
+from device_gateway.mqtt_codec import (
     Connack,
     Connect,
     Decoder,
@@ -53,8 +50,7 @@ from mqtt_codec import (  # noqa: E402
     Role,
     encode,
 )
-
-from keepconn import Backoff  # noqa: E402
+from keepconn import Backoff
 
 #: Linux's IP_BIND_ADDRESS_NO_PORT (Python exposes it from 3.12 only): bind() picks the source
 #: address, connect() picks the port against the full 4-tuple, so each source address brings

@@ -23,11 +23,8 @@ import socket
 import sys
 import threading
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "device_gateway"))
-
-from mqtt_codec import Connack, Connect, Decoder, Pingreq, Pingresp, Role, encode  # noqa: E402
+from device_gateway.mqtt_codec import Connack, Connect, Decoder, Pingreq, Pingresp, Role, encode
 
 CLIENT_ID = "storm-probe"
 #: Longer than any run: the probe must never be the session a server reaps for silence.

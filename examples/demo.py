@@ -34,9 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent / "device_gateway"))
-
-from fleet import (  # noqa: E402
+from device_gateway.fleet import (
     DeviceProfile,
     Fleet,
     GatewayProcess,

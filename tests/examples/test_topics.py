@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples" / "device_gateway"))
-
-from topics import SubscriptionIndex, topic_matches  # noqa: E402
+from device_gateway.topics import SubscriptionIndex, topic_matches
 
 LEVEL = st.sampled_from(["a", "b", "dev1", "$SYS", ""])
 TOPIC = st.lists(LEVEL, min_size=1, max_size=4).map("/".join)

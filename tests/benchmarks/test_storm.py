@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "storm.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "storm.py"
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "registry.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "registry.py"
 IMPLS = {"keepconn", "dict_scan", "ordered_lru", "asyncio_timer", "trio_scope", "floor"}
 REAPING = IMPLS - {"floor"}
 SIZES = [1_000, 10_000]

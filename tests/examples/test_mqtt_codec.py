@@ -4,23 +4,16 @@ and interoperability with a real client (paho-mqtt) that nobody here wrote."""
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-ROOT = Path(__file__).resolve().parents[1]
-# The gateway runs as a script and imports its siblings by plain name; the tests do the same.
-sys.path.insert(0, str(ROOT / "examples" / "device_gateway"))
-
-import mqtt_codec as mq  # noqa: E402
-
-from keepconn import ConfigError, ProtocolError  # noqa: E402
+from device_gateway import mqtt_codec as mq
+from keepconn import ConfigError, ProtocolError
 
 PACKET_TYPES = (
     mq.Connect,

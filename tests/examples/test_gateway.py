@@ -30,19 +30,16 @@ from typing import Any
 import anyio
 import pytest
 
+from device_gateway import gateway as gateway_app
+from device_gateway import mqtt_codec as mq
+from device_gateway.sink import Recorder
 from keepconn import ServerConfig
 from keepconn.tcp import census
 from keepconn.testing.pytest_plugin import REQUIRE_ENV
 
-ROOT = Path(__file__).resolve().parents[1]
-GATEWAY_DIR = ROOT / "examples" / "device_gateway"
-GATEWAY = GATEWAY_DIR / "gateway.py"
-# The gateway imports its siblings by plain name; the tests build raw packets with the same codec.
-sys.path.insert(0, str(GATEWAY_DIR))
-
-import gateway as gateway_app  # noqa: E402
-import mqtt_codec as mq  # noqa: E402
-from sink import Recorder  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+# Started as the README says, by path; the tests build raw packets with the gateway's own codec.
+GATEWAY = ROOT / "examples" / "device_gateway" / "gateway.py"
 
 paho = pytest.importorskip("paho.mqtt.client")
 

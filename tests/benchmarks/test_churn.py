@@ -22,7 +22,7 @@ import pytest
 
 from keepconn.testing.pytest_plugin import REQUIRE_ENV
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "churn.py"
+BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "churn.py"
 KEYS = {
     "system",
     "connections",

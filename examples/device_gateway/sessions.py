@@ -1,0 +1,471 @@
+"""The MQTT side of the example gateway, on keepconn: the users table, what is kept about each
+live connection, and :class:`Gateway`, keepconn's callbacks (``framer``, ``identify``,
+``handler``, ``refuse``) plus the snapshot behind the status page.
+
+The program around it (command line, keepconn's configuration, listeners, signals) is
+``gateway.py``; what the gateway does with each connection is in that module's docstring.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import time
+import weakref
+from collections.abc import Hashable, Mapping
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+import attrs
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from device_gateway.mqtt_codec import (
+    DEFAULT_MAX_REMAINING_LENGTH,
+    Connack,
+    ConnackCode,
+    Connect,
+    Decoder,
+    Disconnect,
+    MQTTProtocolError,
+    Packet,
+    Pingreq,
+    Pingresp,
+    Puback,
+    Publish,
+    Role,
+    Suback,
+    Subscribe,
+    Unsuback,
+    Unsubscribe,
+    Will,
+    encode,
+)
+from device_gateway.sink import Recorder, SinkError, Telemetry, now_wall
+from device_gateway.topics import SubscriptionIndex
+from keepconn import (
+    CloseReason,
+    Connection,
+    Hello,
+    HelloRejected,
+    ProtocolError,
+    Server,
+    ServerConfig,
+)
+from keepconn.tcp import TcpState
+
+__all__ = ["Device", "Gateway", "Options", "Users", "UsersFileError"]
+
+# The program's logger (gateway.py logs as "gateway" too): one name for every line it writes.
+logger = logging.getLogger("gateway")
+
+#: Highest QoS the gateway grants or delivers (QoS 2 is refused by the codec; see its docstring).
+MAX_QOS = 1
+#: Messages queued for one connection before deliveries to it are dropped: a subscriber that does
+#: not read must not make publishers wait, nor grow the gateway's memory.
+OUTBOX_SIZE = 1000
+#: Seconds a closing session may spend sending what is queued for it (a last PUBACK).
+FLUSH_TIMEOUT = 1.0
+_CONNACK_OK = encode(Connack())
+_CONNACK_UNAVAILABLE = encode(Connack(return_code=ConnackCode.SERVER_UNAVAILABLE))
+#: Prefix of client ids assigned to clients that sent an empty one (MQTT-3.1.3-6).
+ASSIGNED_ID_PREFIX = "auto-"
+
+
+# ----------------------------------------------------------------------------------------------
+# Users.
+
+
+class UsersFileError(ValueError):
+    """The users file cannot be used; the message names the file and line."""
+
+
+class Users:
+    """The ``username:password`` table, checked in constant time per password."""
+
+    def __init__(self, table: Mapping[str, bytes]) -> None:
+        self._table = dict(table)
+        # Compared against when the user is unknown, so "no such user" and "wrong password"
+        # take the same time and an attacker cannot enumerate usernames.
+        self._dummy = secrets.token_bytes(16)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Users:
+        """Read a users file: one ``username:password`` a line; blank lines and ``#`` comments
+        are ignored; the password is everything after the first colon."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsersFileError(f"users file {path}: cannot read it: {exc}") from exc
+        table: dict[str, bytes] = {}
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            user, colon, password = line.partition(":")
+            where = f"users file {path}, line {number}"
+            if not colon or not user or not password:
+                raise UsersFileError(f"{where}: expected 'username:password', got {line!r}")
+            if user in table:
+                raise UsersFileError(f"{where}: user {user!r} is listed twice")
+            table[user] = password.encode()
+        if not table:
+            raise UsersFileError(f"users file {path}: no users (one 'username:password' a line)")
+        return cls(table)
+
+    def check(self, username: str, password: bytes) -> bool:
+        """True when ``password`` is ``username``'s."""
+        expected = self._table.get(username)
+        ok = hmac.compare_digest(password, self._dummy if expected is None else expected)
+        return ok and expected is not None
+
+    def __len__(self) -> int:
+        return len(self._table)
+
+
+# ----------------------------------------------------------------------------------------------
+# Topics and per-connection state.
+
+
+@attrs.define(eq=False)
+class Device:
+    """What the gateway keeps about one live MQTT connection (``conn.context``)."""
+
+    username: str
+    client_id: str
+    keepalive: int
+    will: Will | None
+    #: Topic filter -> granted QoS.
+    subscriptions: dict[str, int] = attrs.field(factory=dict)
+    #: Set by DISCONNECT: the client left cleanly, so its will is discarded (MQTT-3.14.4-3).
+    disconnected: bool = False
+    _next_id: int = 0
+    # Everything sent to this connection goes through one queue and one writer task, so sends
+    # from other connections' tasks (deliveries) never interleave with its own replies.
+    outbox: MemoryObjectSendStream[bytes] = attrs.field(init=False)
+    inbox: MemoryObjectReceiveStream[bytes] = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.outbox, self.inbox = anyio.create_memory_object_stream[bytes](OUTBOX_SIZE)
+
+    def packet_id(self) -> int:
+        """The next packet identifier for a QoS 1 delivery (1..65535, wrapping)."""
+        self._next_id = self._next_id % 65535 + 1
+        return self._next_id
+
+
+# ----------------------------------------------------------------------------------------------
+# The gateway.
+
+
+@attrs.frozen
+class Options:
+    """The MQTT-level settings (keepconn's own are in ServerConfig)."""
+
+    max_keepalive: int = 1800
+    max_packet: int = DEFAULT_MAX_REMAINING_LENGTH
+
+
+class Gateway:
+    """The MQTT side of the gateway: keepconn's identify, handler and refuse callbacks.
+
+    Build it, then run ``gateway.server.serve(...)`` and ``gateway.recorder.run()``; see
+    :func:`device_gateway.gateway.run`. Replace the sink by passing another
+    :class:`~device_gateway.sink.Recorder`.
+    """
+
+    def __init__(
+        self,
+        users: Users,
+        recorder: Recorder,
+        config: ServerConfig,
+        options: Options | None = None,
+    ) -> None:
+        self.users = users
+        self.recorder = recorder
+        self.options = options if options is not None else Options()
+        self.server: Server[Packet] = Server(
+            identify=self.identify,
+            handler=self.handler,
+            framer=self.framer,
+            config=config,
+            refuse=self.refuse,
+        )
+        #: Live sessions by username: deliveries never cross users.
+        self._devices: dict[str, set[Device]] = {}
+        #: Each user's subscriptions, indexed by topic filter.
+        self._subscriptions: dict[str, SubscriptionIndex[Device]] = {}
+        self.started = time.monotonic()
+        self.port: int | None = None
+        #: Messages delivered to subscribers, and those dropped because the subscriber lagged.
+        self.delivered = 0
+        self.dropped = 0
+        self.wills = 0
+        # Streams whose CONNECT was accepted, so that refuse() can tell a refusal after identify
+        # (answered by Hello.refusal) from one at accept time. Weak: entries go with the streams.
+        self._identified: weakref.WeakSet[anyio.abc.SocketStream] = weakref.WeakSet()
+
+    # -- keepconn callbacks
+
+    def framer(self) -> Decoder:
+        """One codec per connection: keepconn feeds it bytes and gets whole packets."""
+        return Decoder(Role.SERVER, max_remaining_length=self.options.max_packet)
+
+    async def identify(self, conn: Connection[Packet]) -> Hello:
+        """Read CONNECT, authenticate, and return the session identity and its timeout."""
+        try:
+            connect = await conn.receive()
+        except MQTTProtocolError as exc:
+            # Some broken CONNECTs are answered before closing (e.g. MQTT 5: CONNACK 1).
+            if exc.connack_code is not None:
+                await _send_quietly(conn, encode(Connack(return_code=exc.connack_code)))
+            raise
+        if not isinstance(connect, Connect):  # the decoder already refuses this
+            raise MQTTProtocolError(f"first packet must be CONNECT, got {connect!r}")
+        username, password = connect.username, connect.password
+        if username is None or password is None:
+            await _send_quietly(conn, encode(Connack(return_code=ConnackCode.NOT_AUTHORIZED)))
+            raise HelloRejected(f"no credentials (client id {connect.client_id!r})")
+        if not self.users.check(username, password):
+            code = ConnackCode.BAD_USERNAME_OR_PASSWORD
+            await _send_quietly(conn, encode(Connack(return_code=code)))
+            raise HelloRejected(f"bad password for user {username!r}")
+
+        client_id = connect.client_id or ASSIGNED_ID_PREFIX + secrets.token_hex(8)
+        identity: Hashable = (username, client_id)
+        keepalive = connect.keepalive
+        timeout = None if keepalive == 0 else 1.5 * min(keepalive, self.options.max_keepalive)
+        conn.context = Device(username, client_id, keepalive, connect.will)
+        self._identified.add(conn.stream)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("CONNECT %r keepalive=%d from %s", identity, keepalive, conn.peer)
+        # keepconn sends the CONNACK once the session is open, or CONNACK 3 if it refuses the
+        # session after all (session cap, flapping ban, duplicate identity).
+        return Hello(identity, timeout=timeout, welcome=_CONNACK_OK, refusal=_CONNACK_UNAVAILABLE)
+
+    async def refuse(self, stream: anyio.abc.SocketStream, retry_after: float) -> None:
+        """Admission control refused the connection: CONNACK 3, "server unavailable".
+
+        At the accept-rate limit this goes out before the client's CONNECT has been read; MQTT
+        clients read it as the answer to their CONNECT, which is the point. MQTT 3.1.1 cannot
+        carry ``retry_after``; clients fall back on their own reconnect backoff.
+        """
+        del retry_after
+        if stream in self._identified:
+            # Refused after identify (the session cap): keepconn sends Hello.refusal as well,
+            # and one CONNACK is all a client may get.
+            return
+        await stream.send(_CONNACK_UNAVAILABLE)
+
+    async def handler(self, conn: Connection[Packet]) -> None:
+        """Serve one authenticated session until it ends, for whatever reason."""
+        device: Device = conn.context
+        users_devices = self._devices.setdefault(device.username, set())
+        users_devices.add(device)
+        failure: Exception | None = None
+        try:
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(self._write_loop, conn, device)
+                try:
+                    await self._read_loop(conn, device)
+                except anyio.EndOfStream:
+                    pass  # the peer closed: keepconn records PEER_CLOSED
+                except Exception as exc:
+                    # Raised again below, outside the task group, so keepconn sees the
+                    # exception itself (PROTOCOL_ERROR and its reason), not an ExceptionGroup.
+                    failure = exc
+                device.outbox.close()
+                # Let the writer send what is queued (the PUBACKs of what the device sent
+                # correctly before a malformed packet among them), but never wait long on a
+                # peer that stopped reading, and not at all once the connection has broken.
+                broken = failure is not None and not isinstance(failure, ProtocolError)
+                tasks.cancel_scope.deadline = anyio.current_time() + (
+                    0 if broken else FLUSH_TIMEOUT
+                )
+        finally:
+            users_devices.discard(device)
+            index = self._subscriptions.get(device.username)
+            if index is not None:
+                for topic_filter in device.subscriptions:
+                    index.remove(device, topic_filter)
+            if not users_devices:
+                self._devices.pop(device.username, None)
+                self._subscriptions.pop(device.username, None)
+            self._publish_will(conn, device)
+        if failure is not None:
+            raise failure
+
+    # -- inside a session
+
+    async def _read_loop(self, conn: Connection[Packet], device: Device) -> None:
+        async for packet in conn:
+            if isinstance(packet, Publish):
+                await self._on_publish(conn, device, packet)
+            elif isinstance(packet, Pingreq):
+                conn.ping_received()  # enforces a ping-rate limit when one is configured
+                await device.outbox.send(encode(Pingresp()))
+            elif isinstance(packet, Subscribe):
+                granted = []
+                index = self._subscriptions.setdefault(device.username, SubscriptionIndex())
+                for topic_filter, qos in packet.topics:
+                    device.subscriptions[topic_filter] = min(qos, MAX_QOS)
+                    index.add(device, topic_filter, min(qos, MAX_QOS))
+                    granted.append(min(qos, MAX_QOS))
+                await device.outbox.send(encode(Suback(packet.packet_id, granted)))
+            elif isinstance(packet, Unsubscribe):
+                for topic_filter in packet.topic_filters:
+                    if device.subscriptions.pop(topic_filter, None) is not None:
+                        self._subscriptions[device.username].remove(device, topic_filter)
+                await device.outbox.send(encode(Unsuback(packet.packet_id)))
+            elif isinstance(packet, Puback):
+                # The device acknowledges a QoS 1 delivery. Sessions are not persisted, so there
+                # is nothing to redeliver and nothing to track.
+                pass
+            elif isinstance(packet, Disconnect):
+                device.disconnected = True
+                conn.close(CloseReason.PEER_CLOSED, "DISCONNECT")
+                return
+            else:  # the codec never yields anything else to a server
+                raise MQTTProtocolError(f"unexpected {type(packet).__name__} from a client")
+
+    async def _on_publish(self, conn: Connection[Packet], device: Device, packet: Publish) -> None:
+        record = Telemetry(
+            received=now_wall(),
+            username=device.username,
+            client_id=device.client_id,
+            topic=packet.topic,
+            payload=packet.payload,
+            qos=packet.qos,
+            retain=packet.retain,
+        )
+        if packet.qos == 0:
+            await self.recorder.append(record)
+            self._deliver(device.username, packet.topic, packet.payload, 0)
+            return
+        try:
+            await self.recorder.store(record)
+        except SinkError as exc:
+            # MQTT 3.1.1 has no negative PUBACK: dropping the connection is the only way to say
+            # "not stored". The client keeps the message and sends it again when it reconnects.
+            # (The recorder has logged the sink's traceback.)
+            conn.close(CloseReason.APPLICATION, str(exc))
+            return
+        self._deliver(device.username, packet.topic, packet.payload, packet.qos)
+        assert packet.packet_id is not None  # the codec guarantees one at QoS 1
+        await device.outbox.send(encode(Puback(packet.packet_id)))
+
+    def _deliver(self, username: str, topic: str, payload: bytes, qos: int) -> None:
+        """Send a message to every session of ``username`` subscribed to ``topic``. Never waits:
+        a subscriber whose queue is full misses the message (counted in ``dropped``)."""
+        index = self._subscriptions.get(username)
+        if index is None:
+            return
+        for device, granted in index.match(topic).items():
+            out_qos = min(qos, granted)
+            packet = Publish(
+                topic, payload, qos=out_qos, packet_id=device.packet_id() if out_qos else None
+            )
+            try:
+                device.outbox.send_nowait(encode(packet))
+            except anyio.WouldBlock:
+                self.dropped += 1
+            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+                pass  # that session is ending
+            else:
+                self.delivered += 1
+
+    def _publish_will(self, conn: Connection[Packet], device: Device) -> None:
+        """Publish the will of a device that vanished (MQTT-3.1.2-8), but not of one that said
+        DISCONNECT, replaced its own connection (it is online) or is being shut down with the
+        gateway (it has not failed)."""
+        will = device.will
+        if will is None or device.disconnected:
+            return
+        if conn.reason in (CloseReason.TAKEN_OVER, CloseReason.SHUTDOWN):
+            return
+        self.wills += 1
+        qos = min(will.qos, MAX_QOS)
+        self.recorder.append_nowait(
+            Telemetry(now_wall(), device.username, device.client_id, will.topic, will.message, qos)
+        )
+        self._deliver(device.username, will.topic, will.message, qos)
+
+    async def _write_loop(self, conn: Connection[Packet], device: Device) -> None:
+        try:
+            async with device.inbox:
+                async for data in device.inbox:
+                    await conn.send(data)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
+            conn.close(CloseReason.PEER_RESET, f"send failed: {exc!r}")
+
+    # -- status
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The status contract (``GET /status``): the keys listed in README.md."""
+        port = self.port
+        counts: dict[str, int] = {state.name: 0 for state in TcpState}
+        census_error = None
+        audit = None
+        if port is not None:
+            try:
+                # Every server-side ESTABLISHED socket matched by inode to a session, a hello,
+                # a closing connection or the accept queue; read off the event loop.
+                audit = await self.server.audit()
+            except OSError as exc:
+                census_error = str(exc)
+            else:
+                counts.update(audit.counts)
+        stats = self.server.stats()
+        sessions = len(self.server.registry)
+        status: dict[str, Any] = {
+            "sessions": sessions,
+            "connections": stats.connections,
+            "pending_hellos": stats.pending_hellos,
+            "accepted": stats.accepted,
+            "takeovers": stats.takeovers,
+            "closed": {reason.name: count for reason, count in stats.closed.items()},
+            "census": counts,
+            "phantoms": {
+                # Owned by no connection of the server at all (closing ones, a transient, are
+                # in "audit").
+                "established_without_session": 0 if audit is None else audit.phantoms,
+                "close_wait": counts.get("CLOSE_WAIT", 0),
+                "unaccepted": 0 if audit is None else audit.unaccepted,
+            },
+            # Where every server-side ESTABLISHED socket stands (Server.audit()).
+            "audit": {
+                key: getattr(audit, key)
+                for key in (
+                    "established",
+                    "with_session",
+                    "in_hello",
+                    "closing",
+                    "unaccepted",
+                    "phantoms",
+                )
+            }
+            if audit is not None
+            else {},
+            "telemetry_stored": self.recorder.stored,
+            "subscriptions": sum(len(index) for index in self._subscriptions.values()),
+            "telemetry_failed": self.recorder.failed,
+            "delivered": self.delivered,
+            "dropped": self.dropped,
+            "wills": self.wills,
+            "accept_errors": stats.accept_errors,
+            "port": port,
+            "uptime": round(time.monotonic() - self.started, 3),
+        }
+        if census_error is not None:
+            status["census_error"] = census_error
+        return status
+
+
+async def _send_quietly(conn: Connection[Packet], data: bytes) -> None:
+    """Send a last word to a peer about to be closed; if it is already gone, so be it."""
+    try:
+        await conn.send(data)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+        pass
