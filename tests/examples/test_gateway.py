@@ -796,3 +796,64 @@ async def test_a_replacement_sink_gets_every_message_and_a_failure_withholds_pub
         assert gateway.recorder.failed == 1
         await gateway.server.shutdown()
         await gateway.recorder.aclose()
+
+
+# A QoS 2 PUBLISH (refused by this gateway by design) for topic "t", packet id 5, payload "x".
+QOS2_PUBLISH = b"\x34\x06\x00\x01t\x00\x05x"
+
+
+def test_publishes_before_a_malformed_packet_in_one_segment_are_all_kept(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway()
+    client = RawClient(gw.port)
+    bystander = RawClient(gw.port)
+    try:
+        assert bystander.connect("bystander") == 0
+        assert client.connect("burst") == 0
+        # A QoS 0 and a QoS 1 message, then a packet the codec refuses, in one write.
+        client.send(
+            mq.encode(mq.Publish("devices/burst/a", b"zero", qos=0))
+            + mq.encode(mq.Publish("devices/burst/b", b"one", qos=1, packet_id=7))
+            + QOS2_PUBLISH
+        )
+        puback = client.packet()
+        assert isinstance(puback, mq.Puback) and puback.packet_id == 7
+        client.closed_by_gateway()
+        status = gw.wait_status(lambda s: s["closed"]["PROTOCOL_ERROR"] == 1)
+        assert status["sessions"] == 1
+        stored = [(topic, qos, bytes(payload)) for _, _, topic, qos, payload in gw.rows()]
+        assert stored == [("devices/burst/a", 0, b"zero"), ("devices/burst/b", 1, b"one")]
+        bystander.send(mq.Pingreq())
+        assert isinstance(bystander.packet(), mq.Pingresp)
+    finally:
+        client.close()
+        bystander.close()
+
+
+def test_a_stale_connect_never_displaces_the_session_of_a_newer_connection(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    gw = start_gateway()
+    older = RawClient(gw.port)  # accepted first; its CONNECT is read only later
+    newer = RawClient(gw.port)
+    try:
+        assert newer.connect("pump-9") == 0
+        older.send(mq.Connect("pump-9", keepalive=60, username="alice", password=b"s3cret"))
+        refusal = older.packet()
+        assert isinstance(refusal, mq.Connack) and refusal.return_code == 3
+        older.closed_by_gateway()
+        status = gw.wait_status(lambda s: s["closed"]["STALE_HELLO"] == 1)
+        assert status["sessions"] == 1 and status["closed"]["TAKEN_OVER"] == 0
+        for _ in range(3):
+            newer.send(mq.Pingreq())
+            assert isinstance(newer.packet(), mq.Pingresp)
+        # A rebooted device's newer connection still takes over at once.
+        rebooted = RawClient(gw.port)
+        assert rebooted.connect("pump-9") == 0
+        newer.closed_by_gateway()
+        gw.wait_status(lambda s: s["closed"]["TAKEN_OVER"] == 1 and s["sessions"] == 1)
+        rebooted.close()
+    finally:
+        older.close()
+        newer.close()

@@ -1171,3 +1171,50 @@ def test_paho_other_protocol_versions_get_connack_1(protocol_name: str, reason: 
     [error] = errors
     assert reason in error.reason
     assert error.connack_code == mq.ConnackCode.UNACCEPTABLE_PROTOCOL_VERSION
+
+
+# -- nothing lost: packets before a malformed one, however TCP splits the bytes ----------------
+
+_CONNECT = mq.encode(mq.Connect("split-device", username="alice", password=b"pw"))
+_GOOD = [
+    mq.Publish("devices/a", b"zero"),
+    mq.Publish("devices/b", b"one", qos=1, packet_id=9),
+    mq.Pingreq(),
+]
+#: Five remaining-length bytes: malformed whatever follows (MQTT 2.2.3).
+_MALFORMED = b"\x30\xff\xff\xff\xff\x01"
+
+
+@given(cuts=st.lists(st.integers(min_value=0), max_size=12), bad=st.booleans())
+def test_decoder_yields_the_same_packets_however_the_stream_is_split(
+    cuts: list[int], bad: bool
+) -> None:
+    data = _CONNECT + b"".join(mq.encode(p) for p in _GOOD) + (_MALFORMED if bad else b"")
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    edges = [0, *points, len(data)]
+    decoder = mq.Decoder(mq.Role.SERVER)
+    packets: list[mq.Packet] = []
+    error = None
+    for a, b in zip(edges, edges[1:], strict=False):
+        try:
+            packets.extend(decoder.feed(data[a:b]))
+        except mq.MQTTProtocolError as exc:
+            # What keepconn's connection does: take the frames the error hands over.
+            packets.extend(exc.frames)
+            error = exc
+            break
+    assert packets[1:] == _GOOD and isinstance(packets[0], mq.Connect)
+    assert (error is not None) is bad
+    if bad:
+        assert "more than 4 bytes" in str(error)
+
+
+def test_decoder_error_after_good_packets_carries_them_once() -> None:
+    decoder = mq.Decoder(mq.Role.SERVER)
+    with pytest.raises(mq.MQTTProtocolError) as caught:
+        decoder.feed(_CONNECT + mq.encode(_GOOD[0]) + _MALFORMED)
+    assert [type(p) for p in caught.value.frames] == [mq.Connect, mq.Publish]
+    # The decoder stays failed, and a later call does not hand the packets over again.
+    with pytest.raises(mq.MQTTProtocolError) as again:
+        decoder.feed(b"")
+    assert again.value.frames == ()
