@@ -38,6 +38,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ("server timeout closes", lambda f: show(f["server_timeout_closes"])),
         ("phantom ESTABLISHED, peak", lambda f: show(f["phantom_established_peak"])),
         ("phantom ESTABLISHED, settled", lambda f: show(f["phantom_established_end"])),
+        ("in hello, settled (audit)", lambda f: show(f.get("in_hello_end"))),
         ("old conns still open, settled", lambda f: show(f["old_connections_open_end"])),
         ("CLOSE_WAIT, peak", lambda f: show(f["close_wait_peak"])),
         ("CLOSE_WAIT, settled", lambda f: show(f["close_wait_end"])),

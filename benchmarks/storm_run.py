@@ -253,6 +253,7 @@ def summarise(
         cpu_in_storm = in_storm[-1]["cpu_s"] - in_storm[0]["cpu_s"]
 
     server_timeouts = None
+    audited: dict[str, int] = (final_status or {}).get("audit") or {}
     if final_status is not None:
         closed = final_status.get("closed")
         if isinstance(closed, dict):
@@ -297,7 +298,14 @@ def summarise(
         ),
         "false_reaps": sum(f["live_drops"] for f in finals),
         "server_timeout_closes": server_timeouts,
-        "phantom_established_end": last.get("phantom_established"),
+        # Settled phantoms. The device-side estimate (the kernel's ESTABLISHED count less the
+        # devices' live and connecting sessions) cannot tell a true phantom from a socket the
+        # server holds in its hello phase for an attempt its device already abandoned (a late
+        # handshake that is closed at the hello timeout). A keepconn gateway's own audit can:
+        # it matches every socket by inode, so its figure is used where it exists.
+        "phantom_established_end": audited.get("phantoms", last.get("phantom_established")),
+        "in_hello_end": audited.get("in_hello"),
+        "unowned_established_end": last.get("phantom_established"),
         "close_wait_end": last.get("close_wait"),
         "old_connections_open_end": samples[-1].get("abandoned_open") if samples else None,
         "phantom_established_peak": max(
