@@ -25,8 +25,13 @@ from keepconn import (
     ServerConfig,
     ServerEvent,
 )
+from tests.timing import slack
 
 PASSWORD = b"secret"
+#: How long the helpers below wait by default for what should come at once (a line, a close,
+#: a condition): an allowance, so scaled like every other. A caller passing its own timeout
+#: scales its allowance part, not a protocol time it may contain (``hello_timeout + slack(1)``).
+WAIT = slack(5.0)
 #: (identity, payload) of every DATA line any test server received, in order.
 RECEIVED: list[tuple[object, bytes]] = []
 
@@ -103,7 +108,7 @@ async def serving(
         try:
             yield server, addresses[0][1]
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(15):
+            with anyio.CancelScope(shield=True), anyio.move_on_after(slack(15)):
                 await server.shutdown()
             tasks.cancel_scope.cancel()
 
@@ -122,7 +127,7 @@ class Client:
     async def send(self, line: bytes) -> None:
         await self.stream.send(line + b"\n")
 
-    async def line(self, timeout: float = 5.0) -> bytes:
+    async def line(self, timeout: float = WAIT) -> bytes:
         with anyio.fail_after(timeout):
             while b"\n" not in self._buffer:
                 self._buffer += await self.stream.receive()
@@ -136,7 +141,7 @@ class Client:
         await self.send(b"HELLO " + ident.encode() + b" " + password + extra)
         return await self.line()
 
-    async def closed_by_server(self, timeout: float = 5.0) -> bool:
+    async def closed_by_server(self, timeout: float = WAIT) -> bool:
         """Read until the server closes; True on EOF or reset."""
         with anyio.fail_after(timeout):
             try:
@@ -160,7 +165,7 @@ def closes(events: list[ServerEvent], reason: CloseReason) -> list[Any]:
     return [e for e in events if isinstance(e, ConnectionClosed) and e.reason is reason]
 
 
-async def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+async def wait_for(predicate: Callable[[], bool], timeout: float = WAIT) -> None:
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.01)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import anyio
@@ -30,9 +31,28 @@ pytestmark = pytest.mark.anyio
 BASE = dict(admission=None, flapping=None)
 
 
+def own_sockets() -> set[int]:
+    """The inodes of this process's sockets."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            found.add(int(target[len("socket:[") : -1]))
+    return found
+
+
 def server_side_established(port: int) -> int:
+    # This process's sockets only. The kernel may hand a new listener a port number on which
+    # another process's accepted connections still live (their listener gone, SO_REUSEADDR
+    # inherited): with a benchmark running beside the suite this once counted 7, not 1.
+    mine = own_sockets()
     return sum(
-        1 for row in census(port).sockets if row.state == "ESTABLISHED" and row.local_port == port
+        1
+        for row in census(port).sockets
+        if row.state == "ESTABLISHED" and row.local_port == port and row.inode in mine
     )
 
 
@@ -46,9 +66,9 @@ async def test_silent_peer_is_reaped_within_its_bound_and_never_before() -> None
         await client.send(b"DATA 1")
         assert await client.line() == b"ACK 1"
         last_frame = time.monotonic()
-        assert await client.closed_by_server(timeout=timeout + 3)
+        assert await client.closed_by_server(timeout=timeout + slack(3))
         waited = time.monotonic() - last_frame
-        assert timeout <= waited <= timeout + resolution + 0.3, waited
+        assert timeout <= waited <= timeout + resolution + slack(0.3), waited
         await wait_for(lambda: bool(closes(events, CloseReason.IDLE_TIMEOUT)))
         [closed] = closes(events, CloseReason.IDLE_TIMEOUT)
         assert closed.identity == "silent"
@@ -87,8 +107,8 @@ async def test_active_heartbeat_measures_rtt_and_reaps_a_peer_that_stops_answeri
         assert all(0 <= rtt < 0.15 for rtt in rtts)
         stopped = time.monotonic()
         # Stop answering (but keep the socket open): two misses in a row are fatal.
-        assert await client.closed_by_server(timeout=beat.detection_bound + 2)
-        assert time.monotonic() - stopped <= beat.detection_bound + 0.3
+        assert await client.closed_by_server(timeout=beat.detection_bound + slack(2))
+        assert time.monotonic() - stopped <= beat.detection_bound + slack(0.3)
         await wait_for(lambda: bool(closes(events, CloseReason.HEARTBEAT_TIMEOUT)))
         assert "pinged" not in server.registry
         await client.aclose()
@@ -107,10 +127,10 @@ async def test_peer_eof_is_answered_at_once_no_close_wait() -> None:
         assert len(server.registry) == 500
         for client in clients:
             await client.aclose()
-        await anyio.sleep(0.2)
+        await anyio.sleep(slack(0.2))
         counts = census(port).counts
         assert counts.get("CLOSE_WAIT", 0) == 0, counts
-        await wait_for(lambda: len(server.registry) == 0, timeout=2)
+        await wait_for(lambda: len(server.registry) == 0, timeout=slack(2))
         assert server.stats().closed[CloseReason.PEER_CLOSED] == 500
 
 
@@ -123,13 +143,13 @@ async def test_reconnect_with_same_identity_takes_over_at_once() -> None:
         new = await Client.connect(port)
         started = time.monotonic()
         assert await new.hello("device-7") == b"OK"
-        assert await old.closed_by_server(timeout=1)
-        assert time.monotonic() - started < 0.1
+        assert await old.closed_by_server(timeout=slack(1))
+        assert time.monotonic() - started < slack(0.1)
         await new.send(b"DATA x")
         assert await new.line() == b"ACK x"
         assert [e for e in events if isinstance(e, SessionTakenOver)]
         await wait_for(lambda: bool(closes(events, CloseReason.TAKEN_OVER)))
-        await anyio.sleep(0.05)
+        await anyio.sleep(slack(0.05))
         assert server_side_established(port) == 1
         assert server.registry.get("device-7") is not None
         await old.aclose()
@@ -163,7 +183,7 @@ async def test_concurrent_hellos_for_one_identity_leave_exactly_one_winner() -> 
             async with anyio.create_task_group() as tasks:
                 for client in clients:
                     tasks.start_soon(client.send, b"HELLO shared secret")
-            await wait_for(lambda: server.stats().pending_hellos == 0, timeout=20)
+            await wait_for(lambda: server.stats().pending_hellos == 0, timeout=slack(20))
             winner = server.registry.get("shared")
             assert winner is not None
             assert len(server.registry) == 1
@@ -171,8 +191,8 @@ async def test_concurrent_hellos_for_one_identity_leave_exactly_one_winner() -> 
             assert len(live) == 1 and live[0].session is winner
             for client in clients:
                 await client.aclose()
-            await wait_for(lambda: len(server.registry) == 0, timeout=10)
-            await wait_for(lambda: not server.connections, timeout=10)
+            await wait_for(lambda: len(server.registry) == 0, timeout=slack(10))
+            await wait_for(lambda: not server.connections, timeout=slack(10))
 
 
 async def test_hello_less_connections_are_closed_at_the_hello_timeout() -> None:
@@ -223,7 +243,7 @@ async def test_trickled_partial_frames_do_not_keep_a_peer_alive() -> None:
         client = await Client.connect(port)
         assert await client.hello("slowloris", timeout=timeout) == b"OK"
         started = time.monotonic()
-        with anyio.move_on_after(timeout + 1.5):
+        with anyio.move_on_after(timeout + slack(1.5)):
             try:
                 for byte in b"DATA " + b"x" * 100:
                     await client.stream.send(bytes([byte]))
@@ -232,7 +252,7 @@ async def test_trickled_partial_frames_do_not_keep_a_peer_alive() -> None:
                 pass
         assert closes(events, CloseReason.IDLE_TIMEOUT)
         closed = closes(events, CloseReason.IDLE_TIMEOUT)[0]
-        assert timeout <= closed.duration - 0 <= timeout + 0.5 + (time.monotonic() - started)
+        assert timeout <= closed.duration - 0 <= timeout + slack(0.5) + (time.monotonic() - started)
         await client.aclose()
 
 
@@ -311,7 +331,7 @@ async def test_census_agrees_with_the_registry() -> None:
         for client in clients[:20]:
             await client.aclose()
         await wait_for(lambda: len(server.registry) == 30)
-        await anyio.sleep(0.05)
+        await anyio.sleep(slack(0.05))
         assert server_side_established(port) == len(server.registry) == 30
         audit = await server.audit()
         assert audit.established == audit.with_session == 30
@@ -356,17 +376,18 @@ def test_config_is_validated_when_built() -> None:
 
 async def test_graceful_timeout_close_sends_fin_and_keeps_reading_during_the_grace() -> None:
     events: list[ServerEvent] = []
+    idle = 0.5
     config = ServerConfig(
         idle_timeout=30, resolution=0.05, timeout_close="graceful", close_grace=1.0, **BASE
     )
     async with serving(config, events=events) as (server, port):
         client = await Client.connect(port)
-        assert await client.hello("slow-link", timeout=0.5) == b"OK"
+        assert await client.hello("slow-link", timeout=idle) == b"OK"
         # Silence: the server half-closes (FIN, not RST) ...
-        assert await client.closed_by_server(timeout=3)
+        assert await client.closed_by_server(timeout=idle + slack(2.5))
         # ... and what the peer still sends within the grace period is not lost.
         await client.send(b"DATA late")
-        await wait_for(lambda: ("slow-link", b"late") in RECEIVED, timeout=1)
+        await wait_for(lambda: ("slow-link", b"late") in RECEIVED, timeout=slack(1))
         await client.aclose()
         await wait_for(lambda: bool(closes(events, CloseReason.IDLE_TIMEOUT)))
         assert "slow-link" not in server.registry
@@ -379,9 +400,9 @@ async def test_max_age_closes_with_jitter() -> None:
         clients = [await Client.connect(port) for _ in range(10)]
         for i, client in enumerate(clients):
             assert await client.hello(f"aged{i}") == b"OK"
-        await wait_for(lambda: len(closes(events, CloseReason.MAX_AGE)) == 10, timeout=3)
+        await wait_for(lambda: len(closes(events, CloseReason.MAX_AGE)) == 10, timeout=slack(3))
         durations = [e.duration for e in closes(events, CloseReason.MAX_AGE)]
-        assert all(0.4 - 0.01 <= d <= 0.6 + 0.2 for d in durations), durations
+        assert all(0.4 - 0.01 <= d <= 0.6 + slack(0.2) for d in durations), durations
         assert len({round(d, 3) for d in durations}) > 1  # spread, not all at once
         for client in clients:
             await client.aclose()

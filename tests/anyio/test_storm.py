@@ -8,6 +8,7 @@ import pytest
 from keepconn import AdmissionConfig, CloseReason, ConnectionOpened, ServerConfig, ServerEvent
 from keepconn.tcp import census
 from tests.lineapp import Client, serving, wait_for
+from tests.timing import slack
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
 
@@ -35,7 +36,7 @@ async def test_storm_is_admitted_at_the_configured_rate_with_no_phantoms() -> No
             client = await Client.connect(port)
             await client.send(b"HELLO dev%d secret" % i)
             try:
-                line = await client.line(timeout=20)
+                line = await client.line(timeout=slack(20))
             except (anyio.EndOfStream, anyio.BrokenResourceError):
                 line = b""
             if line == b"OK":
@@ -74,9 +75,9 @@ async def test_storm_is_admitted_at_the_configured_rate_with_no_phantoms() -> No
             )
             return server_side == DEVICES and table.counts.get("CLOSE_WAIT", 0) == 0
 
-        await wait_for(settled, timeout=5)
+        await wait_for(settled, timeout=slack(5))
         assert len(server.registry) == DEVICES
         assert stats.closed[CloseReason.IDLE_TIMEOUT] == 0
         for client in online.values():
             await client.aclose()
-        await wait_for(lambda: len(server.registry) == 0, timeout=10)
+        await wait_for(lambda: len(server.registry) == 0, timeout=slack(10))

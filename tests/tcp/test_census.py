@@ -10,9 +10,10 @@ import pytest
 
 from keepconn.tcp import census
 from keepconn.tcp._census import parse_proc_net_tcp
+from tests.timing import slack
 
 
-def _wait_for(port: int, state: str, want: int, limit: float = 3.0) -> int:
+def _wait_for(port: int, state: str, want: int, limit: float = slack(3.0)) -> int:
     deadline = time.monotonic() + limit
     while True:
         n = census(port).count(state)
@@ -93,12 +94,19 @@ def test_parser_is_fast_at_twenty_thousand_sockets() -> None:
     lines = [
         LINE4.format(st=f"{1 + i % 11:02X}").replace("1F90", f"{i % 3:04X}") for i in range(20_000)
     ]
-    start = time.perf_counter()
-    rows = parse_proc_net_tcp(lines, 4)
-    elapsed = time.perf_counter() - start
-    assert len(rows) == 20_000
+
+    def fastest(port: int | None, count: int) -> float:
+        # The best of three runs: how fast the parser is, not how often this process was
+        # preempted (one run was once 0.17 s against 0.06 s on a machine shared with others).
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            rows = parse_proc_net_tcp(lines, 4, port=port)
+            times.append(time.perf_counter() - start)
+            assert len(rows) == count
+        return min(times)
+
+    elapsed = fastest(None, 20_000)
     # ~40 ms here; the bound leaves room for a slow, loaded CI machine.
-    assert elapsed < 1.0
-    start = time.perf_counter()
-    assert len(parse_proc_net_tcp(lines, 4, port=1)) == 6667
-    assert time.perf_counter() - start < elapsed
+    assert elapsed < slack(1.0)
+    assert fastest(1, 6667) < elapsed

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from keepconn.tcp import Liveness, TcpInfo, classify, tcp_info
 from keepconn.tcp._info import _BASE_LEN, _FIELDS
+from tests.timing import slack
 
 
 def test_tcp_info_on_loopback() -> None:
@@ -31,7 +32,7 @@ def test_tcp_info_on_loopback() -> None:
             assert classify(info) is Liveness.ALIVE
 
             client.close()  # the peer's FIN: conn goes to CLOSE_WAIT
-            deadline = time.monotonic() + 2
+            deadline = time.monotonic() + slack(2)
             while tcp_info(conn).state != "CLOSE_WAIT":
                 assert time.monotonic() < deadline
                 time.sleep(0.01)

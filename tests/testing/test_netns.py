@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from keepconn.testing import NetNs
+from tests.timing import slack
 
 
 def ours() -> set[str]:
@@ -25,7 +26,7 @@ def run_pytest(tmp_path: Path, body: str, **env: str) -> subprocess.CompletedPro
         [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", str(tmp_path)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=slack(120),
         check=False,
         cwd=tmp_path,
         env={**os.environ, **env},
@@ -55,7 +56,7 @@ def test_required_netns_turns_the_skip_into_a_failure(tmp_path: Path) -> None:
 
 
 @pytest.mark.netns
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(slack(120))
 def test_namespaces_are_removed_when_a_test_fails(tmp_path: Path) -> None:
     before = ours()
     result = run_pytest(

@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.timing import slack
+
 
 def keepconn(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "keepconn", *args],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=slack(60),
         check=False,
     )
 
@@ -97,7 +99,7 @@ def test_sockets_summarises_and_flags_close_wait() -> None:
         conn, _ = server.accept()
         with conn:
             client.close()
-            time.sleep(0.1)
+            time.sleep(slack(0.1))
             done = keepconn("sockets", "--port", str(port))
     assert done.returncode == 0, done.stderr
     assert f"TCP sockets on port {port}: 2" in done.stdout
