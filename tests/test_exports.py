@@ -11,7 +11,7 @@ import pytest
 import keepconn
 from keepconn._core import errors
 
-NAMESPACES = ["keepconn", "keepconn.tcp", "keepconn.client", "keepconn.testing"]
+NAMESPACES = ["keepconn", "keepconn.tcp", "keepconn.client", "keepconn.testing", "keepconn.metrics"]
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)

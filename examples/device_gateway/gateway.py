@@ -35,6 +35,9 @@ rest):
   flapping or held as a duplicate (``Hello.refusal``).
 * **Status**: with ``--status-port`` a loopback HTTP page (``GET /status`` JSON, ``GET /`` for
   humans) shows sessions, closes by reason, takeovers and the kernel's census of the port.
+* **Metrics**: keepconn's Prometheus metrics (``keepconn.metrics``, the ``prometheus`` extra) at
+  ``GET /metrics`` on the status page and, with ``--metrics-port``, on a port of their own
+  (loopback unless ``--metrics-host`` says otherwise).
 
 Sibling modules: ``sessions`` (the MQTT session logic: ``Gateway``), ``mqtt_codec`` (the
 sans-I/O protocol), ``sink`` (where telemetry goes), ``status`` (the HTTP page), ``topics``
@@ -50,6 +53,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, cast
 
 import anyio
@@ -59,7 +63,7 @@ from anyio.abc import SocketAttribute
 from device_gateway.mqtt_codec import DEFAULT_MAX_REMAINING_LENGTH, PROTOCOL_MAX_REMAINING_LENGTH
 from device_gateway.sessions import Gateway, Options, Users, UsersFileError
 from device_gateway.sink import Recorder, SQLiteSink
-from device_gateway.status import serve_status
+from device_gateway.status import Metrics, serve_metrics, serve_status
 from device_gateway.topics import topic_matches
 from keepconn import AdmissionConfig, FlappingConfig, ServerConfig
 from keepconn.tcp import TcpKeepalive
@@ -67,6 +71,10 @@ from keepconn.tcp import TcpKeepalive
 __all__ = ["Gateway", "Users", "UsersFileError", "build_parser", "main", "topic_matches"]
 
 logger = logging.getLogger("gateway")
+
+#: Seconds between the socket audits behind the keepconn_audit_* metrics (each reads the
+#: kernel's table in a worker thread; /status requests refresh them in between).
+METRICS_AUDIT_INTERVAL = 15.0
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--status-port", type=int, default=0, help="loopback HTTP status page port (0: off)"
     )
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=0,
+        help="Prometheus /metrics port (0: off; /metrics is on the status page too)",
+    )
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address for --metrics-port ('' for all)"
+    )
+    p.add_argument(
         "--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio", help="event loop"
     )
     p.add_argument(
@@ -193,6 +210,12 @@ async def run(args: argparse.Namespace) -> int:
         server_config(args),
         Options(max_keepalive=args.max_keepalive, max_packet=args.max_packet),
     )
+    metrics: Metrics | None = None
+    try:
+        metrics = gateway.enable_metrics()
+    except ImportError as exc:
+        # main() has refused --metrics-port without prometheus_client; the page does without.
+        logger.info("no /metrics: %s", exc)
     # Installed before "listening on" is printed, so a signal sent the moment a supervisor
     # sees that line is a clean shutdown, not a KeyboardInterrupt traceback.
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -208,6 +231,13 @@ async def run(args: argparse.Namespace) -> int:
                         local_host="127.0.0.1", local_port=args.status_port
                     )
                 ).listeners[0]
+            metrics_listeners: list[anyio.abc.SocketListener] = []
+            if args.metrics_port:
+                # '' binds every interface: IPv4 and IPv6, one listener each.
+                multi = await anyio.create_tcp_listener(
+                    local_host=args.metrics_host or None, local_port=args.metrics_port
+                )
+                metrics_listeners = cast("list[anyio.abc.SocketListener]", multi.listeners)
         except OSError as exc:
             print(f"gateway: cannot listen: {exc}", file=sys.stderr)
             gateway.recorder.sink.close()
@@ -222,9 +252,23 @@ async def run(args: argparse.Namespace) -> int:
                 sockets = cast("list[anyio.abc.SocketListener]", list(listener.listeners))
                 await tasks.start(gateway.server.serve, sockets)
                 if status_listener is not None:
-                    await tasks.start(serve_status, gateway.snapshot, status_listener)
+                    await tasks.start(
+                        partial(serve_status, metrics=metrics), gateway.snapshot, status_listener
+                    )
                     status_port = status_listener.extra(SocketAttribute.local_port)
                     print(f"status on http://127.0.0.1:{status_port}/", flush=True)
+                if metrics is not None and metrics_listeners:
+                    for one in metrics_listeners:
+                        await tasks.start(serve_metrics, metrics, one)
+                    bound = metrics_listeners[0].extra(SocketAttribute.local_address)
+                    print(f"metrics on http://{_format_address(bound)}/metrics", flush=True)
+                if gateway.metrics is not None and metrics_listeners:
+                    # The opt-in probes of keepconn.metrics, run only when a Prometheus server
+                    # is expected (so the gateway's default load is what it always was): 50
+                    # sleeps a second for the loop's lag, and an audit of the kernel's table
+                    # now and then (in a worker thread).
+                    tasks.start_soon(gateway.metrics.probe_loop_lag)
+                    tasks.start_soon(gateway.metrics.audit_every, METRICS_AUDIT_INTERVAL)
                 print(f"listening on {_format_address(address)}", flush=True)
                 async for signum in signals:
                     logger.warning("%s: shutting down", signal.Signals(signum).name)
@@ -256,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_packet > PROTOCOL_MAX_REMAINING_LENGTH:
             raise ValueError(f"--max-packet must be at most {PROTOCOL_MAX_REMAINING_LENGTH}")
         server_config(args)
-    except ValueError as exc:
+        if args.metrics_port:
+            import keepconn.metrics  # noqa: F401 - fails, naming the extra, without it
+    except (ValueError, ImportError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     backend = "trio" if args.backend == "trio" else "asyncio"

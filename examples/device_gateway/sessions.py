@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import Hashable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -55,6 +55,10 @@ from keepconn import (
     ServerConfig,
 )
 from keepconn.tcp import TcpState
+
+if TYPE_CHECKING:
+    from device_gateway.status import Metrics
+    from keepconn.metrics import ServerCollector
 
 __all__ = ["Device", "Gateway", "Options", "Users", "UsersFileError"]
 
@@ -206,6 +210,28 @@ class Gateway:
         # Streams whose CONNECT was accepted, so that refuse() can tell a refusal after identify
         # (answered by Hello.refusal) from one at accept time. Weak: entries go with the streams.
         self._identified: weakref.WeakSet[anyio.abc.SocketStream] = weakref.WeakSet()
+        #: keepconn's Prometheus collector, once :meth:`enable_metrics` has made it.
+        self.metrics: ServerCollector | None = None
+
+    def enable_metrics(self) -> Metrics:
+        """Collect keepconn's metrics on a registry of the gateway's own; return the function
+        that renders them for an Accept header (OpenMetrics or Prometheus text).
+
+        Raises ImportError (naming the extra to install) without prometheus_client.
+        """
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.exposition import choose_encoder
+
+        from keepconn.metrics import instrument
+
+        registry = CollectorRegistry()
+        self.metrics = instrument(self.server, registry=registry)
+
+        def render(accept: str) -> tuple[bytes, str]:
+            encoder, content_type = choose_encoder(accept)
+            return encoder(registry), content_type
+
+        return render
 
     # -- keepconn callbacks
 
@@ -417,6 +443,8 @@ class Gateway:
                 census_error = str(exc)
             else:
                 counts.update(audit.counts)
+                if self.metrics is not None:
+                    self.metrics.record_audit(audit)  # fresher audit gauges, for free
         stats = self.server.stats()
         sessions = len(self.server.registry)
         status: dict[str, Any] = {

@@ -2,8 +2,10 @@
 
 ``GET /status`` answers the JSON snapshot (the contract other programs poll: the fleet simulator
 and ``make demo``); ``GET /`` answers the same numbers as a page a human can read, refreshing
-itself. Nothing else is served. It binds 127.0.0.1 only: the page shows who is connected and
-carries no authentication, so it must never face the network.
+itself; ``GET /metrics`` answers keepconn's Prometheus metrics (when the gateway has them).
+Nothing else is served. It binds 127.0.0.1 only: the page shows who is connected and carries no
+authentication, so it must never face the network. :func:`serve_metrics` serves ``/metrics``
+alone, for a port a Prometheus server may reach: the metrics name no device.
 
 Deliberately minimal, because a status page must not become the weak spot of a server built to
 survive hostile peers: one request per connection (``Connection: close``), a request head of at
@@ -16,12 +18,21 @@ import html
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 import anyio
 import anyio.abc
 
-__all__ = ["MAX_HEAD", "READ_TIMEOUT", "Snapshot", "render_html", "serve_status"]
+__all__ = [
+    "MAX_HEAD",
+    "READ_TIMEOUT",
+    "Metrics",
+    "Snapshot",
+    "render_html",
+    "serve_metrics",
+    "serve_status",
+]
 
 logger = logging.getLogger("gateway.status")
 
@@ -31,6 +42,11 @@ MAX_HEAD = 8192
 READ_TIMEOUT = 5.0
 
 Snapshot = Callable[[], Awaitable[Mapping[str, Any]]]
+#: The request's Accept header -> (the exposition, its content type): prometheus_client's
+#: content negotiation (OpenMetrics or the Prometheus text format), done by the caller.
+Metrics = Callable[[str], tuple[bytes, str]]
+#: What a page answers: the request's headers (lower-case names) -> (body, content type).
+Page = Callable[[Mapping[str, str]], Awaitable[tuple[bytes, str]]]
 
 _REASONS = {
     200: "OK",
@@ -46,20 +62,56 @@ async def serve_status(
     snapshot: Snapshot,
     listener: anyio.abc.SocketListener,
     *,
+    metrics: Metrics | None = None,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the status page on ``listener`` until cancelled (then close it).
+    """Serve the status page on ``listener`` until cancelled (then close it); with ``metrics``,
+    ``/metrics`` too.
 
     The caller binds the listener (one of ``anyio.create_tcp_listener(local_host="127.0.0.1",
     ...).listeners``), so a port already in use is reported before anything starts.
     """
+
+    async def status(headers: Mapping[str, str]) -> tuple[bytes, str]:
+        return json.dumps(dict(await snapshot()), indent=1).encode() + b"\n", "application/json"
+
+    async def page(headers: Mapping[str, str]) -> tuple[bytes, str]:
+        return render_html(await snapshot()).encode(), "text/html; charset=utf-8"
+
+    pages: dict[str, Page] = {"/": page, "/status": status}
+    if metrics is not None:
+        pages["/metrics"] = partial(_metrics_page, metrics)
+    await _serve(pages, listener, task_status)
+
+
+async def serve_metrics(
+    metrics: Metrics,
+    listener: anyio.abc.SocketListener,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve ``GET /metrics`` alone on ``listener`` until cancelled (then close it)."""
+    await _serve({"/metrics": partial(_metrics_page, metrics)}, listener, task_status)
+
+
+async def _metrics_page(metrics: Metrics, headers: Mapping[str, str]) -> tuple[bytes, str]:
+    # Rendered on the event loop: the counters are read from memory and the audit gauges from
+    # the collector's cache, so this costs a fraction of a millisecond (docs/topics/metrics.md).
+    return metrics(headers.get("accept", ""))
+
+
+async def _serve(
+    pages: Mapping[str, Page],
+    listener: anyio.abc.SocketListener,
+    task_status: anyio.abc.TaskStatus[None],
+) -> None:
     async with listener:
         task_status.started()
 
         async def handle(stream: anyio.abc.SocketStream) -> None:
             async with stream:
                 try:
-                    await _serve_one(stream, snapshot)
+                    await _serve_one(stream, pages)
                 except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
                     pass  # the client went away; nothing to tell it
                 except Exception:
@@ -93,12 +145,12 @@ async def _read_head(stream: anyio.abc.SocketStream) -> bytes | int:
     return 408
 
 
-async def _serve_one(stream: anyio.abc.SocketStream, snapshot: Snapshot) -> None:
+async def _serve_one(stream: anyio.abc.SocketStream, pages: Mapping[str, Page]) -> None:
     head = await _read_head(stream)
     if isinstance(head, int):
         await _respond(stream, head, "text/plain", _REASONS[head].encode() + b"\n")
         return
-    request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    request_line, *header_lines = head.decode("latin-1").split("\r\n")
     parts = request_line.split()
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         await _respond(stream, 400, "text/plain", b"Bad Request\n")
@@ -107,16 +159,17 @@ async def _serve_one(stream: anyio.abc.SocketStream, snapshot: Snapshot) -> None
     if method not in ("GET", "HEAD"):
         await _respond(stream, 405, "text/plain", b"only GET\n", extra=(("Allow", "GET, HEAD"),))
         return
-    path = target.split("?", 1)[0]
-    if path == "/status":
-        body = json.dumps(dict(await snapshot()), indent=1).encode() + b"\n"
-        content_type = "application/json"
-    elif path == "/":
-        body = render_html(await snapshot()).encode()
-        content_type = "text/html; charset=utf-8"
-    else:
-        await _respond(stream, 404, "text/plain", b"Not Found: try / or /status\n")
+    page = pages.get(target.split("?", 1)[0])
+    if page is None:
+        listed = " or ".join(pages)
+        await _respond(stream, 404, "text/plain", f"Not Found: try {listed}\n".encode())
         return
+    headers: dict[str, str] = {}
+    for line in header_lines:
+        name, colon, value = line.partition(":")
+        if colon:
+            headers[name.strip().lower()] = value.strip()
+    body, content_type = await page(headers)
     await _respond(stream, 200, content_type, body, head_only=method == "HEAD")
 
 

@@ -27,6 +27,7 @@ from ._core.events import ConnectionOpened as ConnectionOpened
 from ._core.events import RoundTrip as RoundTrip
 from ._core.events import ServerEvent as ServerEvent
 from ._core.events import ServerStats as ServerStats
+from ._core.events import SessionReaped as SessionReaped
 from ._core.events import SessionTakenOver as SessionTakenOver
 from ._core.events import SocketAudit as SocketAudit
 from ._core.flapping import AddressFlappingConfig as AddressFlappingConfig
@@ -89,6 +90,7 @@ __all__ = [
     "ServerStats",
     "Session",
     "SessionClosed",
+    "SessionReaped",
     "SessionRegistry",
     "SessionTakenOver",
     "SocketAudit",

@@ -1,8 +1,10 @@
 """Edge cases of the server runtime found in review: concurrent sends, a ping stuck on a full
-buffer, shutdown stragglers, cancellation, hellos during shutdown, graceful heartbeat closes."""
+buffer, shutdown stragglers, cancellation, hellos during shutdown, graceful heartbeat closes,
+a connection that lives and dies while an audit reads the kernel's table."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import anyio
@@ -19,6 +21,7 @@ from keepconn import (
     ServerEvent,
     SessionTakenOver,
 )
+from keepconn._anyio import server as server_module
 from keepconn.tcp import census
 from tests.lineapp import Client, closes, goodbye, identify, make_server, serving, wait_for
 from tests.timing import slack
@@ -275,3 +278,41 @@ async def test_a_trickler_is_spared_at_most_once() -> None:
         assert closed.duration <= 2 * timeout + slack(0.5), closed.duration
         assert server.stats().spared <= 1
         await client.aclose()
+
+
+async def test_a_connection_born_and_closed_during_the_audit_read_is_no_phantom(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Seen in the gateway's tests: an audit started before a connection was accepted read the
+    # table while it was ESTABLISHED and finished after it had closed, so neither of the
+    # audit's snapshots of the connections knew it. Here the read is held at those two points.
+    real_read = server_module._own_rows
+    reading, opened, read, finished = (threading.Event() for _ in range(4))
+
+    def held_read(ports: frozenset[int]) -> object:
+        reading.set()
+        assert opened.wait(10)
+        rows = real_read(ports)
+        read.set()
+        assert finished.wait(10)
+        return rows
+
+    monkeypatch.setattr(server_module, "_own_rows", held_read)
+    async with serving(ServerConfig(**BASE)) as (server, port):
+        audits = []
+
+        async def audit() -> None:
+            audits.append(await server.audit())
+
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(audit)
+            await wait_for(reading.is_set)
+            client = await Client.connect(port)
+            assert await client.hello("brief") == b"OK"
+            opened.set()
+            await wait_for(read.is_set)
+            await client.aclose()
+            await wait_for(lambda: server.stats().closed[CloseReason.PEER_CLOSED] == 1)
+            finished.set()
+    [result] = audits
+    assert (result.established, result.closing, result.phantoms) == (1, 1, 0), result

@@ -29,6 +29,8 @@ from typing import Any
 
 import anyio
 import pytest
+from prometheus_client.openmetrics import parser as openmetrics_parser
+from prometheus_client.parser import text_string_to_metric_families
 
 from device_gateway import gateway as gateway_app
 from device_gateway import mqtt_codec as mq
@@ -36,6 +38,7 @@ from device_gateway.sink import Recorder
 from keepconn import ServerConfig
 from keepconn.tcp import census
 from keepconn.testing.pytest_plugin import REQUIRE_ENV
+from tests.timing import slack
 
 ROOT = Path(__file__).resolve().parents[2]
 # Started as the README says, by path; the tests build raw packets with the gateway's own codec.
@@ -713,6 +716,96 @@ def test_status_page(start_gateway: Callable[..., RunningGateway]) -> None:
         assert post.value.code == 405
     finally:
         device.close()
+
+
+def scrape(url: str, accept: str | None = None) -> tuple[str, dict[tuple[str, str], float]]:
+    """GET a /metrics page; its content type, and each sample as (name, labels) -> value, the
+    labels written ``k=v,...`` (sorted)."""
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        content_type, text = response.headers["Content-Type"], response.read().decode()
+    parser = (
+        openmetrics_parser.text_string_to_metric_families
+        if content_type.startswith("application/openmetrics-text")
+        else text_string_to_metric_families
+    )
+    samples = {
+        (s.name, ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))): s.value
+        for family in parser(text)
+        for s in family.samples
+    }
+    return content_type, samples
+
+
+def test_metrics_port_serves_keepconn_metrics_for_a_reap_a_takeover_and_a_bad_password(
+    start_gateway: Callable[..., RunningGateway],
+) -> None:
+    metrics_port = free_port()
+    gw = start_gateway("--metrics-port", str(metrics_port))
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    silent, old, new, intruder = (RawClient(gw.port) for _ in range(4))
+    try:
+        assert silent.connect("goes-silent", keepalive=1) == 0  # reaped 1.5 s after this
+        assert old.connect("reboots") == 0
+        assert new.connect("reboots") == 0
+        old.closed_by_gateway()
+        code = intruder.connect("goes-silent", password="wrong")
+        assert code == mq.ConnackCode.BAD_USERNAME_OR_PASSWORD
+        intruder.closed_by_gateway()
+        silent.closed_by_gateway(timeout=1.5 + slack(3))
+        closed = "keepconn_connections_closed_total"
+        wanted = {f"reason={r}": 1 for r in ("IDLE_TIMEOUT", "TAKEN_OVER", "AUTH_FAILED")}
+        deadline = time.monotonic() + slack(5)
+        while True:
+            _, samples = scrape(url)
+            if all(samples[(closed, labels)] == n for labels, n in wanted.items()):
+                break
+            assert time.monotonic() < deadline, samples
+            time.sleep(0.05)
+        assert samples[("keepconn_sessions", "")] == 1
+        assert samples[("keepconn_connections", "phase=session")] == 1
+        assert samples[("keepconn_takeovers_total", "")] == 1
+        others = {k: v for k, v in samples.items() if k[0] == closed and k[1] not in wanted}
+        assert set(others.values()) == {0}, others
+        assert samples[("keepconn_reap_lateness_seconds_count", "")] == 1
+        lateness = samples[("keepconn_reap_lateness_seconds_sum", "")]
+        assert 0 <= lateness <= RESOLUTION + slack(0.1), lateness
+        assert samples[("keepconn_reap_resolution_seconds", "")] == RESOLUTION
+        # The gateway audits the kernel's table at start (and on every /status request).
+        assert samples[("keepconn_audit_phantom_sockets", "")] == 0
+        assert samples[("keepconn_event_loop_lag_seconds_count", "")] > 0
+        log.info("gateway: one reap, %.1f ms after its deadline", lateness * 1000)
+
+        # The status page serves the same, in OpenMetrics when asked for it.
+        accept = "application/openmetrics-text; version=1.0.0"
+        content_type, page = scrape(f"http://127.0.0.1:{gw.status_port}/metrics", accept)
+        assert content_type.startswith("application/openmetrics-text")
+        for labels, n in wanted.items():
+            assert page[(closed, labels)] == n
+        assert page[("keepconn_takeovers_total", "")] == 1
+        # The metrics port shows the metrics alone: who is connected stays on loopback.
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/status", timeout=5)
+        assert missing.value.code == 404
+    finally:
+        for client in (silent, old, new, intruder):
+            client.close()
+
+
+def test_metrics_port_without_prometheus_client_is_a_clear_error(
+    tmp_path: Path, users_file: Path
+) -> None:
+    # The gateway run as its documented command, in an interpreter where the import fails.
+    code = (
+        "import runpy, sys; sys.modules['prometheus_client'] = None; "
+        "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    )
+    argv = [sys.executable, "-c", code, str(GATEWAY), "--port", "0", "--users", str(users_file)]
+    argv += ["--data", str(tmp_path / "t.sqlite3"), "--metrics-port", str(free_port())]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    assert "keepconn[prometheus]" in result.stderr
+    assert "listening" not in result.stdout
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])

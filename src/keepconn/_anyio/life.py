@@ -80,6 +80,21 @@ class Lifecycle(Generic[F]):
         self.closed: Counter[CloseReason] = Counter()
         #: Due sessions kept open because their peer's bytes waited unread in the kernel.
         self.spared = 0
+        # Sets being filled with the connections that close, one per audit reading the kernel's
+        # table (see Server.audit); a tuple replaced whole, empty (free) between audits.
+        self._close_watchers: tuple[set[Connection[F]], ...] = ()
+
+    def watch_closes(self) -> set[Connection[F]]:
+        """A set that every connection closing from now on is added to, until
+        :meth:`unwatch_closes`: what a socket audit needs to recognise a connection whose whole
+        life fell within its read of the kernel's table."""
+        watched: set[Connection[F]] = set()
+        self._close_watchers = (*self._close_watchers, watched)
+        return watched
+
+    def unwatch_closes(self, watched: set[Connection[F]]) -> None:
+        """Stop filling a set from :meth:`watch_closes`."""
+        self._close_watchers = tuple(w for w in self._close_watchers if w is not watched)
 
     # -- one connection
 
@@ -310,6 +325,8 @@ class Lifecycle(Generic[F]):
         self.connections.discard(conn)
         if not self.connections:
             self.idle.set()
+        for watched in self._close_watchers:
+            watched.add(conn)
         self.closed[reason] += 1
         duration = anyio.current_time() - conn.opened_at
         identity = None if session is None else session.key

@@ -18,6 +18,7 @@ __all__ = [
     "RoundTrip",
     "ServerEvent",
     "ServerStats",
+    "SessionReaped",
     "SessionTakenOver",
     "SocketAudit",
 ]
@@ -60,7 +61,22 @@ class RoundTrip:
     rtt: float
 
 
-ServerEvent = ConnectionOpened | ConnectionClosed | SessionTakenOver | RoundTrip
+@attrs.frozen
+class SessionReaped:
+    """The reaper found a session past its deadline and is closing its connection now (a
+    ConnectionClosed follows, with IDLE_TIMEOUT unless another reason got there first).
+
+    ``lateness`` is the reaper's time minus the session's deadline (last activity + timeout):
+    the registry promises it is never negative and, while the event loop keeps up, at most one
+    reap resolution. With ``timeout_close="graceful"`` the socket closes ``close_grace`` later.
+    """
+
+    identity: Hashable
+    peer: Any
+    lateness: float
+
+
+ServerEvent = ConnectionOpened | ConnectionClosed | SessionTakenOver | RoundTrip | SessionReaped
 
 
 @attrs.frozen
