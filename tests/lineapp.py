@@ -8,6 +8,7 @@ Client -> server lines:  ``HELLO <id> <password> [timeout]``, ``PING``, ``PONG``
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -169,3 +170,17 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = WAIT) -> None
     with anyio.fail_after(timeout):
         while not predicate():
             await anyio.sleep(0.01)
+
+
+def own_sockets() -> set[int]:
+    """The inodes of this process's sockets: a census of a port can hold other processes'
+    sockets (a benchmark beside the suite, a port number reused), which a test must not count."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.startswith("socket:["):
+            found.add(int(target[len("socket:[") : -1]))
+    return found

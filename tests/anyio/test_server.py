@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 
 import anyio
@@ -22,26 +21,13 @@ from keepconn import (
     SessionTakenOver,
 )
 from keepconn.tcp import census
-from tests.lineapp import RECEIVED, Client, closes, serving, wait_for
+from tests.lineapp import RECEIVED, Client, closes, own_sockets, serving, wait_for
 from tests.timing import slack
 
 pytestmark = pytest.mark.anyio
 
 # No admission limits or flapping bans unless a test asks: they are tested on their own.
 BASE = dict(admission=None, flapping=None)
-
-
-def own_sockets() -> set[int]:
-    """The inodes of this process's sockets."""
-    found = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("socket:["):
-            found.add(int(target[len("socket:[") : -1]))
-    return found
 
 
 def server_side_established(port: int) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from keepconn import AdmissionConfig, CloseReason, ConnectionOpened, ServerConfig, ServerEvent
 from keepconn.tcp import census
-from tests.lineapp import Client, serving, wait_for
+from tests.lineapp import Client, own_sockets, serving, wait_for
 from tests.timing import slack
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -69,11 +69,13 @@ async def test_storm_is_admitted_at_the_configured_rate_with_no_phantoms() -> No
         # Settled: zero phantom ESTABLISHED, zero CLOSE_WAIT, zero false reaps. A refused
         # connection may still be closing for a moment, so "settled" allows a few seconds.
         def settled() -> bool:
-            table = census(port)
+            mine = own_sockets()  # not another process's sockets on a reused port number
+            rows = [row for row in census(port).sockets if row.inode in mine]
             server_side = sum(
-                1 for row in table.sockets if row.state == "ESTABLISHED" and row.local_port == port
+                1 for row in rows if row.state == "ESTABLISHED" and row.local_port == port
             )
-            return server_side == DEVICES and table.counts.get("CLOSE_WAIT", 0) == 0
+            close_wait = sum(1 for row in rows if row.state == "CLOSE_WAIT")
+            return server_side == DEVICES and close_wait == 0
 
         await wait_for(settled, timeout=slack(5))
         assert len(server.registry) == DEVICES

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -81,11 +82,15 @@ def free_port() -> int:
 class RunningGateway:
     """A gateway subprocess: its ports, files and status page."""
 
-    def __init__(self, proc: subprocess.Popen[str], port: int, status_port: int, data: Path):
+    def __init__(
+        self, proc: subprocess.Popen[str], port: int, status_port: int, data: Path, log: Path
+    ):
         self.proc = proc
         self.port = port
         self.status_port = status_port
         self.data = data
+        #: The gateway's stderr: keepconn logs one line per closed connection there.
+        self.log = log
 
     def status(self) -> dict[str, Any]:
         url = f"http://127.0.0.1:{self.status_port}/status"
@@ -168,7 +173,7 @@ def start_gateway(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., Ru
                 line = ""
             if line.startswith("listening on "):
                 port = int(line.rsplit(":", 1)[1])
-                return RunningGateway(proc, port, status_port, data)
+                return RunningGateway(proc, port, status_port, data, tmp_path / f"gateway{n}.log")
             if proc.poll() is not None or time.monotonic() > deadline:
                 log_text = (tmp_path / f"gateway{n}.log").read_text()
                 pytest.fail(f"gateway did not start (rc={proc.poll()}):\n{log_text}")
@@ -512,7 +517,7 @@ def test_slowloris_connections_are_closed_at_the_hello_timeout(
             assert time.monotonic() - t < 0.5
             status = gw.status()
             assert status["pending_hellos"] >= 300
-            while time.monotonic() - opened < HELLO_TIMEOUT + 1.5:
+            while time.monotonic() - opened < HELLO_TIMEOUT + slack(1.5):
                 for sock in tricklers:
                     with contextlib.suppress(OSError):
                         sock.sendall(b"\x00")
@@ -520,9 +525,16 @@ def test_slowloris_connections_are_closed_at_the_hello_timeout(
                 status = gw.status()
                 if status["closed"]["HELLO_TIMEOUT"] == 350:
                     break
-            elapsed = time.monotonic() - opened
             assert status["closed"]["HELLO_TIMEOUT"] == 350, status
-            assert elapsed <= HELLO_TIMEOUT + 1.0, elapsed
+            # Each one closed at the hello timeout of its own accept, by the gateway's clock
+            # (keepconn logs every close with its duration): never before, at most a little
+            # after, however slow this test's own polling was.
+            durations = [
+                float(m.group(1))
+                for m in re.finditer(r"reason=HELLO_TIMEOUT after ([0-9.]+) s", gw.log.read_text())
+            ]
+            assert len(durations) == 350
+            assert HELLO_TIMEOUT <= min(durations) <= max(durations) <= HELLO_TIMEOUT + slack(0.5)
             assert status["pending_hellos"] == 0
             assert status["sessions"] == 1
             real.send(mq.Pingreq())
@@ -532,7 +544,7 @@ def test_slowloris_connections_are_closed_at_the_hello_timeout(
     finally:
         for sock in silent + tricklers:
             sock.close()
-    log.info("350 hello-less connections closed %.2f s after opening", elapsed)
+    log.info("350 hello-less connections closed at the hello timeout")
 
 
 def test_malformed_input_closes_only_that_connection(
