@@ -1,9 +1,10 @@
 """One contender of the runtime benchmark: its phases, and the figures they give.
 
 * **sizes** (every server): a fresh server; the clients grow to N1 idle connections, settle,
-  and the server is sampled; they grow to N2, settle, and it is sampled again; then a window of
-  steady pinging at N2 (server CPU over the window, pings answered, the loop-lag probe's
-  samples of that window, and the clients' ping round trips).
+  and the server is sampled; they grow to N2, settle, and it is sampled again; after one more
+  settle (a sample's collections stall the loop, and the pings sent meanwhile queue up), a
+  window of steady pinging at N2 (server CPU over the window, pings answered, the loop-lag
+  probe's samples of that window, and the clients' ping round trips).
 * **takeover** (MQTT servers): another fresh server; ``takeover_devices`` connect and settle;
   then ``reboots`` of them reboot at ``reboot_rate`` per second in all, interleaved across
   the client processes on one clock: each old connection falls silent and stays open, and a
@@ -113,6 +114,10 @@ def sizes(c: Contender, p: Params, workdir: Path, account: Account, log: Log) ->
             log(f"[{c.name}] {up} connections up in {time.monotonic() - started:.1f} s")
             _wait(p.settle, server)
             samples[label] = {"connections": up, **_sample(server)}
+        # A sample stalls the server for its collections (seconds at N2 for the gateway) and
+        # the pings sent meanwhile queue up: the window starts once that backlog is answered
+        # and the stalled sleep has been recorded, so it measures steady pinging only.
+        _wait(p.settle, server)
         if c.python:
             server.ask("lag-reset")
         for i in range(len(clients.procs)):
