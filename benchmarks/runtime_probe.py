@@ -1,0 +1,153 @@
+"""The runtime benchmark's probe inside a Python server process: what the server itself costs,
+measured where it lives.
+
+Two parts, both started by the server (benchmarks/runtime_lines.py) or by the wrapper that
+starts a gateway from its ``main()`` (benchmarks/runtime_wrap.py):
+
+* :func:`lag_loop`, a task on the server's own event loop: it sleeps ``LAG_STEP`` (20 ms) again
+  and again and records by how much each sleep overshot. That overshoot is the time the loop
+  was busy with something else (the connections) when the timer fell due.
+* :func:`start_control`, a daemon thread listening on a loopback port for one JSON command per
+  line, answered with one JSON line:
+
+  - ``{"cmd": "lag-reset"}``: forget the lag samples so far (the start of a window);
+  - ``{"cmd": "sample"}``: ``{"rss": bytes, "objects": len(gc.get_objects()), "gc_ms": ...,
+    "lag": {"n", "p50_ms", "p99_ms", "max_ms"}}``. The lag figures are those since the last
+    reset, read first; then one untimed ``gc.collect()`` clears the garbage the last phase
+    left, ``GC_TIMED`` more full collections are timed (the median is ``gc_ms``: the cost of a
+    full collection of the live heap), and only then are the tracked objects counted and the
+    RSS read, so two samples compare live objects, never garbage that was waiting.
+
+The thread holds the GIL while it collects or counts, which stalls the loop exactly as a
+collection the server ran itself would; a lag window never spans a sample.
+"""
+
+from __future__ import annotations
+
+import collections
+import gc
+import json
+import math
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+__all__ = ["CONTROL_ENV", "LAG_STEP", "lag_loop", "start_control", "start_from_env"]
+
+#: The environment variable giving the control port to a server started by the benchmark.
+CONTROL_ENV = "KEEPCONN_RUNTIME_CONTROL"
+LAG_STEP = 0.02
+GC_TIMED = 3
+#: Bounds on the probe's own loops: longer than any run, so they end with the process.
+LIFETIME = 6 * 3600.0
+#: Samples kept between resets (floats: not tracked by the collector, so not counted as
+#: objects; one window at 20 ms is far shorter than this).
+MAX_SAMPLES = 200_000
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+_lag: collections.deque[float] = collections.deque(maxlen=MAX_SAMPLES)
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * _PAGE
+
+
+def _quantile(ordered: list[float], q: float) -> float | None:
+    # Nearest rank, as harness.quantile (the probe must not import the benchmarks' modules).
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def lag_stats() -> dict[str, Any]:
+    """Loop-lag figures of the samples since the last reset, in milliseconds."""
+    ordered = sorted(_lag)
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else round(1000.0 * x, 3)
+
+    return {
+        "n": len(ordered),
+        "p50_ms": ms(_quantile(ordered, 0.5)),
+        "p99_ms": ms(_quantile(ordered, 0.99)),
+        "max_ms": ms(ordered[-1] if ordered else None),
+    }
+
+
+async def lag_loop(sleep: Callable[[float], Awaitable[Any]]) -> None:
+    """Sleep ``LAG_STEP`` in a loop on the server's event loop, recording each overshoot.
+
+    ``sleep`` is the loop's own (asyncio.sleep, or anyio.sleep on asyncio, uvloop or trio)."""
+    clock = time.monotonic
+    end = clock() + LIFETIME
+    while clock() < end:
+        started = clock()
+        await sleep(LAG_STEP)
+        _lag.append(max(0.0, clock() - started - LAG_STEP))
+
+
+def sample() -> dict[str, Any]:
+    """The figures the coordinator asks for (see the module docstring for the order)."""
+    lag = lag_stats()
+    gc.collect()
+    times = []
+    for _ in range(GC_TIMED):
+        started = time.perf_counter()
+        gc.collect()
+        times.append(1000.0 * (time.perf_counter() - started))
+    objects = len(gc.get_objects())
+    return {
+        "rss": _rss(),
+        "objects": objects,
+        "gc_ms": round(sorted(times)[len(times) // 2], 3),
+        "lag": lag,
+    }
+
+
+def _answer(request: dict[str, Any]) -> dict[str, Any]:
+    cmd = request.get("cmd")
+    if cmd == "lag-reset":
+        _lag.clear()
+        return {"ok": True}
+    if cmd == "sample":
+        return {"ok": True, **sample()}
+    if cmd == "lag":
+        return {"ok": True, "lag": lag_stats(), "rss": _rss()}
+    return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+
+def _serve(listener: socket.socket) -> None:
+    end = time.monotonic() + LIFETIME
+    while time.monotonic() < end:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn, conn.makefile("rwb") as stream:
+            for _, line in zip(range(10_000), stream, strict=False):
+                try:
+                    reply = _answer(json.loads(line))
+                except ValueError as exc:
+                    reply = {"ok": False, "error": str(exc)}
+                stream.write(json.dumps(reply).encode() + b"\n")
+                stream.flush()
+
+
+def start_control(port: int) -> None:
+    """Listen on 127.0.0.1:``port`` for the coordinator's commands, on a daemon thread."""
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", port))
+    listener.listen(4)
+    threading.Thread(target=_serve, args=(listener,), name="runtime-probe", daemon=True).start()
+
+
+def start_from_env() -> None:
+    """Start the control thread on the port in ``CONTROL_ENV`` (nothing if it is unset)."""
+    port = os.environ.get(CONTROL_ENV)
+    if port:
+        start_control(int(port))
