@@ -169,42 +169,44 @@ async def test_refused_client_certificates_close_only_their_connection(pki: Pki)
         await live.aclose()
 
 
-async def test_stalled_handshakes_time_out_and_are_shed_while_a_device_gets_in(pki: Pki) -> None:
+async def test_2000_stalled_handshakes_are_shed_or_time_out_while_a_device_gets_in(
+    pki: Pki,
+) -> None:
+    # TCP connects that never send a ClientHello, twice as many as the pending-hello cap: the
+    # oldest are shed to make room, the rest are closed at the hello timeout (each measured
+    # from its own accept), and a real device gets in at once all the same.
     events: list[ServerEvent] = []
-    hello_timeout, cap, stalled = 1.0, 100, 150
+    hello_timeout, cap, stalled = 2.0, 1000, 2000
     config = ServerConfig(
         hello_timeout=hello_timeout,
         admission=AdmissionConfig(max_pending_hellos=cap, accept_rate=None),
         flapping=None,
     )
     async with serving(config, events=events, ssl_context=pki.server_context()) as (server, port):
-        opened = time.monotonic()
-        # TCP connects that never send a ClientHello.
         silent = [await anyio.connect_tcp("127.0.0.1", port) for _ in range(stalled)]
-        await wait_for(lambda: server.stats().closed[CloseReason.OVERLOADED] == stalled - cap)
-        assert server.stats().pending_hellos == cap
+        await wait_for(lambda: server.stats().accepted == stalled, timeout=slack(5))
         started = time.monotonic()
         device = await Client.connect(port, tls=pki.client_context())
         assert await device.hello("real") == b"OK"
         assert time.monotonic() - started < slack(0.5)
 
-        # The shed (the oldest first, one more for the device) and the timed out: every stalled
-        # connection, none of them later than the hello timeout allows.
         def ended() -> int:
             return len(closes(events, CloseReason.OVERLOADED) + closes(events, timed_out_reason))
 
         timed_out_reason = CloseReason.HELLO_TIMEOUT
         # Each close is counted once its socket is closed, a moment after its hello ended.
-        await wait_for(lambda: ended() == stalled, timeout=hello_timeout + slack(1.5))
-        elapsed = time.monotonic() - opened
+        await wait_for(lambda: ended() == stalled, timeout=hello_timeout + slack(5))
         shed = closes(events, CloseReason.OVERLOADED)
         timed_out = closes(events, CloseReason.HELLO_TIMEOUT)
-        assert (len(shed), len(timed_out)) == (stalled - cap + 1, cap - 1)
-        assert elapsed <= hello_timeout + slack(1.0), elapsed
+        assert shed and timed_out, (len(shed), len(timed_out))
+        assert all(c.detail == "shed: oldest pending hello" for c in shed)
         assert all(c.detail == "in the TLS handshake" for c in timed_out)
-        assert all(hello_timeout <= c.duration <= hello_timeout + slack(1.0) for c in timed_out)
+        # Never early (the server's own clock, from accept to close), at most a little late.
+        assert min(c.duration for c in timed_out) >= hello_timeout
+        assert max(c.duration for c in timed_out) <= hello_timeout + slack(0.5)
         await device.send(b"DATA 1")
         assert await device.line() == b"ACK 1"
+        assert server.stats().pending_hellos == 0
         for stream in silent:
             await stream.aclose()
         await device.aclose()
