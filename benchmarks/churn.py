@@ -80,6 +80,7 @@ from churn_report import plot, print_table
 from churn_run import FULL, QUICK, run_system
 from churn_servers import MOSQUITTO_RESOLUTION, bound_for, mosquitto_binary, mosquitto_resolution
 from device_gateway.fleet import make_cells, netns_reason, write_users
+from device_gateway.gateway_process import write_users_file
 from harness import OUT, sigterm_as_exit, write_json
 
 SYSTEMS = ("keepconn", "mosquitto", "naive")
@@ -145,7 +146,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 host = cells[0].host_addr
                 log(f"cells: {', '.join(c.name for c in cells)}; servers on {host}")
             users_path = workdir / "users.txt"
-            users = write_users(users_path)
+            users = write_users(users_path)  # hashed, for the keepconn gateway
+            # The naive gateway compares clear text, as such a gateway does.
+            plain_users_path = workdir / "users-plain.txt"
+            write_users_file(plain_users_path, users, hashed=False)
             for system in args.systems:
                 details[system] = run_system(
                     system,
@@ -155,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     workdir=workdir,
                     users=users,
                     users_path=users_path,
+                    plain_users_path=plain_users_path,
                     bound=bounds[system],
                     settle_after_s=settle_after,
                     mosquitto=mosquitto,

@@ -90,6 +90,7 @@ def run_system(
     workdir: Path,
     users: Sequence[tuple[str, str]],
     users_path: Path,
+    plain_users_path: Path,
     bound: float,
     settle_after_s: float,
     mosquitto: str | None,
@@ -114,7 +115,7 @@ def run_system(
         if system == "keepconn":
             server = KeepconnServer(host, workdir, users_path)
         elif system == "naive":
-            server = NaiveServer(host, workdir, users_path)
+            server = NaiveServer(host, workdir, plain_users_path)
         else:
             assert mosquitto is not None
             server = MosquittoServer(host, workdir, users, mosquitto)

@@ -16,6 +16,7 @@ from typing import Any
 import attrs
 import psutil
 
+from device_gateway.gateway_process import write_users_file
 from harness import quantile, round_or_none
 from keepconn.tcp import census
 from storm_processes import Fleet, Probe, Server, StatusPoller
@@ -89,7 +90,9 @@ def run_one(
     """Start a server, a probe and a fleet; cut; measure; stop everything."""
     user = ("storm", "pw-" + secrets.token_hex(8))
     users = workdir / "users.txt"
-    users.write_text(f"{user[0]}:{user[1]}\n")
+    # Hashed for the keepconn gateway (which refuses clear text); the naive gateway compares
+    # clear text, as such a gateway does.
+    write_users_file(users, [user], hashed=contender.server == "gateway")
     server: Server | None = None
     probe: Probe | None = None
     fleet: Fleet | None = None

@@ -7,6 +7,7 @@ want=()
 command -v ip >/dev/null 2>&1 || want+=(iproute2)
 command -v tc >/dev/null 2>&1 || want+=(iproute2)
 command -v mosquitto_pub >/dev/null 2>&1 || want+=(mosquitto-clients)
+command -v openssl >/dev/null 2>&1 || want+=(openssl)
 command -v mosquitto >/dev/null 2>&1 && [ -x "$(command -v mosquitto)" ] || want+=(mosquitto)
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then

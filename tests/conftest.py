@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.tlscerts import Pki, make_pki, require_openssl
+
 pytest_plugins = ["anyio", "keepconn.testing.pytest_plugin"]
 
 
@@ -16,3 +18,10 @@ pytest_plugins = ["anyio", "keepconn.testing.pytest_plugin"]
 )
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """The TLS tests' CA and certificates (tests/tlscerts.py), made once per run."""
+    require_openssl()
+    return make_pki(tmp_path_factory.mktemp("pki"))

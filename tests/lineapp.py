@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator, Callable
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -72,7 +73,7 @@ async def goodbye(conn: Connection[bytes], retry_after: float) -> None:
     await conn.send(b"GOAWAY %.3f\n" % retry_after)
 
 
-async def refuse(stream: anyio.abc.SocketStream, retry_after: float) -> None:
+async def refuse(stream: anyio.abc.ByteStream, retry_after: float) -> None:
     await stream.send(b"RETRY %.3f\n" % retry_after)
 
 
@@ -80,6 +81,7 @@ def make_server(
     config: ServerConfig,
     events: list[ServerEvent] | None = None,
     on_event: Callable[[ServerEvent], None] | None = None,
+    identify: Callable[[Connection[bytes]], Awaitable[Hello]] = identify,
 ) -> Server[bytes]:
     if on_event is None and events is not None:
         on_event = events.append
@@ -101,11 +103,19 @@ async def serving(
     host: str = "127.0.0.1",
     events: list[ServerEvent] | None = None,
     on_event: Callable[[ServerEvent], None] | None = None,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    identify: Callable[[Connection[bytes]], Awaitable[Hello]] = identify,
 ) -> AsyncIterator[tuple[Server[bytes], int]]:
-    """Run a line-protocol server for the duration of the block; yields (server, port)."""
-    server = make_server(config, events, on_event)
+    """Run a line-protocol server for the duration of the block; yields (server, port). With
+    ``ssl_context`` it serves TLS."""
+    server = make_server(config, events, on_event, identify)
     async with anyio.create_task_group() as tasks:
-        addresses = await tasks.start(server.serve_tcp, host, 0)
+        addresses = await tasks.start(
+            lambda task_status: server.serve_tcp(
+                host, 0, ssl_context=ssl_context, task_status=task_status
+            )
+        )
         try:
             yield server, addresses[0][1]
         finally:
@@ -115,15 +125,33 @@ async def serving(
 
 
 class Client:
-    """A line client over an anyio stream."""
+    """A line client over an anyio stream (TCP, or TLS over it)."""
 
-    def __init__(self, stream: anyio.abc.SocketStream) -> None:
+    def __init__(self, stream: anyio.abc.ByteStream) -> None:
         self.stream = stream
         self._buffer = b""
 
     @classmethod
-    async def connect(cls, port: int, host: str = "127.0.0.1") -> Client:
-        return cls(await anyio.connect_tcp(host, port))
+    async def connect(
+        cls,
+        port: int,
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+        *,
+        strict: bool = False,
+    ) -> Client:
+        """Connect; with ``tls``, handshake in that client context (checking ``host``).
+
+        ``strict`` TLS expects close_notify before every EOF (an EOF without one is then a
+        BrokenResourceError) and waits for the server's on close; by default neither, so that
+        closing a test client never waits on a server that has already gone.
+        """
+        if tls is None:
+            return cls(await anyio.connect_tcp(host, port))
+        stream = await anyio.connect_tcp(
+            host, port, ssl_context=tls, tls_hostname=host, tls_standard_compatible=strict
+        )
+        return cls(stream)
 
     async def send(self, line: bytes) -> None:
         await self.stream.send(line + b"\n")

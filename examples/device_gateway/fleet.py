@@ -2,7 +2,11 @@
 vanish half-open and reconnect in storms, aimed at the example gateway.
 
 Run it standalone against a gateway it starts itself (``--spawn-gateway``) or one already
-listening on loopback (``--host``/``--port``); ``examples/demo.py`` drives it with a live view.
+listening on loopback (``--host``/``--port``, with ``--users`` the devices' credentials in clear
+text, ``username:password`` a line: the gateway's own file holds only hashes);
+``examples/demo.py`` drives it with a live view. ``--tls`` makes every device speak MQTT over
+TLS: a spawned gateway gets throwaway certificates (:mod:`device_gateway.devcerts`), an external
+one is checked against ``--tls-ca`` (default: the system's CAs) and ``--tls-hostname``.
 
 How a device dies: as root, devices live in network-namespace *cells*, so a reboot, a loss or a
 storm leaves a truly half-open connection on the server; without root (or with ``--no-netns``)
@@ -50,6 +54,7 @@ from typing import Any
 
 import attrs
 
+from device_gateway.devcerts import make_dev_pki
 from device_gateway.fleet_cells import Cell, make_cells, netns_reason
 from device_gateway.fleet_device import DeviceProfile
 from device_gateway.fleet_worker import DEFAULT_PER_WORKER, run_worker
@@ -141,9 +146,15 @@ class Fleet:
         seed: int = 1,
         id_prefix: str = "dev",
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        tls: bool = False,
+        tls_ca: Path | None = None,
+        tls_hostname: str | None = None,
     ) -> None:
         """``on_event`` (optional) is called, on a reader thread, with every worker message
-        that is neither a tick nor the final report: the vanish reports (module doc)."""
+        that is neither a tick nor the final report: the vanish reports (module doc).
+
+        With ``tls`` devices connect over TLS, trusting ``tls_ca`` (None: the system's CAs)
+        and expecting ``tls_hostname`` on the certificate (None: ``host``)."""
         self.devices = devices
         self._on_event = on_event
         self.cells = list(cells)
@@ -170,6 +181,11 @@ class Fleet:
                     "count": count,
                     "cell": attrs.asdict(self.cells[w]) if self.cells else None,
                     "report_vanish": on_event is not None,
+                    "tls": (
+                        {"ca": None if tls_ca is None else str(tls_ca), "hostname": tls_hostname}
+                        if tls
+                        else None
+                    ),
                 }
             )
             first += count
@@ -289,8 +305,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-netns", action="store_true", help="loopback only, even as root")
     p.add_argument("--host", help="an already running gateway (loopback only)")
     p.add_argument("--port", type=int)
-    p.add_argument("--users", type=Path, help="users file of that gateway")
+    p.add_argument(
+        "--users", type=Path, help="the devices' credentials for that gateway (username:password)"
+    )
     p.add_argument("--spawn-gateway", action="store_true", help="start examples' gateway.py")
+    p.add_argument("--tls", action="store_true", help="devices speak MQTT over TLS")
+    p.add_argument("--tls-ca", type=Path, help="CA of an external gateway's certificate")
+    p.add_argument("--tls-hostname", help="name on an external gateway's certificate")
     p.add_argument("--json", type=Path, help="write the summary here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -315,7 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     reason = "--no-netns given" if args.no_netns else netns_reason()
     if args.host and not args.spawn_gateway:
         reason = reason or "an external gateway on loopback cannot be reached from a namespace"
-    print(f"fleet: {args.devices} devices, keepalive {args.keepalive} s")
+    print(
+        f"fleet: {args.devices} devices, keepalive {args.keepalive} s"
+        + (", over TLS" if args.tls else "")
+    )
     if reason:
         print(f"fleet: loopback only ({reason}); reboots abandon sockets silently, which the")
         print("       kernel still ACKs: a hung device, not a truly half-open one")
@@ -329,11 +353,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             count = max(args.cells, Fleet.workers_needed(args.devices, args.per_worker))
             namespaces, cells = make_cells(count)
             print(f"fleet: {len(cells)} cells: " + ", ".join(c.name for c in cells))
+        tls_ca = args.tls_ca
         if args.spawn_gateway:
             users_path = Path(tmp.name) / "users.txt"
             users = write_users(users_path)
             host = cells[0].host_addr if cells else "127.0.0.1"
-            gateway = GatewayProcess(host=host, users=users_path, data=Path(tmp.name) / "t.db")
+            extra: list[str] = []
+            if args.tls:
+                pki = make_dev_pki(Path(tmp.name) / "pki", names=(host, "localhost"))
+                extra = ["--tls-cert", str(pki.server_cert), "--tls-key", str(pki.server_key)]
+                tls_ca = pki.ca
+            gateway = GatewayProcess(
+                host=host, users=users_path, data=Path(tmp.name) / "t.db", extra=extra
+            )
             port = gateway.port
         else:
             host, port = args.host, args.port
@@ -346,6 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             profile=profile,
             cells=cells,
             per_worker=args.per_worker,
+            tls=args.tls,
+            tls_ca=tls_ca,
+            tls_hostname=args.tls_hostname,
         )
         fleet.start()
         started = time.monotonic()

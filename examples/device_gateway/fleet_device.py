@@ -3,7 +3,9 @@ one (:class:`DeviceRecord`) and its protocol loop (:class:`Device`): connect, he
 die when its worker strikes it, come back.
 
 Devices are non-blocking sockets driven by anyio inside a worker process
-(:mod:`device_gateway.fleet_worker`), and speak MQTT 3.1.1 with the gateway's own codec.
+(:mod:`device_gateway.fleet_worker`), and speak MQTT 3.1.1 with the gateway's own codec, over
+TLS when the worker has a context (an ``ssl.SSLSocket`` is still the socket every fault acts on:
+its descriptor is what is aborted, abandoned or blackholed).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import errno
 import json
 import random
 import socket
+import ssl
 import struct
 import time
 from collections import Counter
@@ -134,8 +137,11 @@ async def _send_all(sock: socket.socket, data: bytes) -> None:
     while view:
         try:
             sent = sock.send(view)
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError):
             await anyio.wait_writable(sock)
+            continue
+        except ssl.SSLWantReadError:  # TLS needs the peer's bytes first (a key update)
+            await anyio.wait_readable(sock)
             continue
         except OSError as exc:
             gone = exc.errno in (errno.ECONNRESET, errno.EPIPE)
@@ -221,6 +227,8 @@ class Device:
                 err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                 if err:
                     raise _Closed(f"connect_{errno.errorcode.get(err, err)}")
+                if worker.tls is not None:
+                    sock = await _handshake(worker.tls, sock, worker.tls_hostname)
                 hello = Connect(
                     client_id=self.record.client_id,
                     clean_session=True,
@@ -259,7 +267,11 @@ class Device:
     def _receive(self, sock: socket.socket, decoder: Decoder) -> list[Any]:
         try:
             data = sock.recv(65536)
-        except BlockingIOError:
+            # TLS hands over one record per call; the rest of one partly read waits in TLS,
+            # where the socket's readiness would never show it.
+            while data and isinstance(sock, ssl.SSLSocket) and sock.pending():
+                data += sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return []
         except OSError as exc:
             raise _Closed("reset" if exc.errno == errno.ECONNRESET else "error") from None
@@ -346,6 +358,30 @@ class Device:
             return str(exc.args[0])
         except BaseException:
             abort(sock)
+            raise
+
+
+async def _handshake(context: ssl.SSLContext, sock: socket.socket, hostname: str) -> socket.socket:
+    """TLS over the connected non-blocking ``sock``; the TLS socket (the same descriptor)."""
+    tls = context.wrap_socket(sock, server_hostname=hostname, do_handshake_on_connect=False)
+    while True:
+        try:
+            tls.do_handshake()
+            return tls
+        except ssl.SSLWantReadError:
+            await anyio.wait_readable(tls)
+        except ssl.SSLWantWriteError:
+            await anyio.wait_writable(tls)
+        except ssl.SSLError:
+            abort(tls)
+            raise _Closed("tls_failed") from None
+        except OSError as exc:
+            abort(tls)
+            raise _Closed("reset" if exc.errno == errno.ECONNRESET else "error") from None
+        except BaseException:
+            # A connect timeout or the worker quitting: the caller only holds the plain socket,
+            # which wrap_socket has emptied, so this one is closed here.
+            abort(tls)
             raise
 
 

@@ -16,6 +16,7 @@ import random
 import resource
 import select
 import socket
+import ssl
 import sys
 import time
 from collections import Counter
@@ -56,6 +57,14 @@ class Worker:
         self.id_prefix: str = spec["id_prefix"]
         self.cell: Cell | None = Cell(**spec["cell"]) if spec.get("cell") else None
         self.report_vanish: bool = bool(spec.get("report_vanish", False))
+        #: The devices' TLS context (None: plain MQTT) and the name the gateway's certificate
+        #: must carry; one context for the worker, as one device's firmware would have.
+        self.tls: ssl.SSLContext | None = None
+        self.tls_hostname: str = self.host
+        tls = spec.get("tls")
+        if tls is not None:
+            self.tls = ssl.create_default_context(cafile=tls.get("ca"))
+            self.tls_hostname = tls.get("hostname") or self.host
         users = spec["users"]
         first = spec["first"]
         self.devices = [

@@ -7,13 +7,19 @@ Run it::
 
 It prints ``listening on HOST:PORT`` once bound (``--port 0`` picks a free port and prints it)
 and stops cleanly on SIGINT or SIGTERM. ``python gateway.py --help`` lists every option.
+``python gateway.py passwd USERS_FILE USERNAME`` adds a user to the users file (hashed; see
+:mod:`device_gateway.users`). With ``--tls-cert``/``--tls-key`` it speaks MQTT over TLS (port
+8883 by convention), with ``--tls-ca`` it accepts client certificates, and with
+``--require-client-cert`` it demands one and takes the user from its CN.
 
 What it does with each connection (the MQTT parts are in ``sessions.py``; keepconn does the
 rest):
 
-* **Hello** (:meth:`Gateway.identify`): the first packet must be CONNECT, within
-  ``--hello-timeout``. Credentials are checked against ``--users`` (``username:password`` per
-  line): a wrong password gets CONNACK 4, no username CONNACK 5, and the connection is closed
+* **Hello** (:meth:`Gateway.identify`): under TLS the handshake first, then the first packet
+  must be CONNECT, both within ``--hello-timeout``. Credentials are checked against ``--users``
+  (``username:scrypt$...`` per line, written by the ``passwd`` command; clear-text lines only
+  with ``--allow-plaintext-users``): a wrong password gets CONNACK 4, no username CONNACK 5, and
+  the connection is closed
   with AUTH_FAILED; a device already connected with that client id is never disturbed. The
   session identity is ``(username, client id)``, so one user can never take over another
   user's device. An empty client id (clean session) gets one assigned.
@@ -34,7 +40,8 @@ rest):
   CONNACK 3 (server unavailable) and closes; so does a CONNECT for a client id banned for
   flapping or held as a duplicate (``Hello.refusal``).
 * **Status**: with ``--status-port`` a loopback HTTP page (``GET /status`` JSON, ``GET /`` for
-  humans) shows sessions, closes by reason, takeovers and the kernel's census of the port.
+  humans) shows sessions, closes by reason, takeovers and the kernel's census of the port. It
+  has no authentication, so it stays on 127.0.0.1 unless ``--status-host`` says otherwise.
 * **Metrics**: keepconn's Prometheus metrics (``keepconn.metrics``, the ``prometheus`` extra) at
   ``GET /metrics`` on the status page and, with ``--metrics-port``, on a port of their own
   (loopback unless ``--metrics-host`` says otherwise).
@@ -49,8 +56,10 @@ sans-I/O protocol), ``sink`` (where telemetry goes), ``status`` (the HTTP page),
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -65,6 +74,7 @@ from device_gateway.sessions import Gateway, Options, Users, UsersFileError
 from device_gateway.sink import Recorder, SQLiteSink
 from device_gateway.status import Metrics, serve_metrics, serve_status
 from device_gateway.topics import topic_matches
+from device_gateway.users import CONVERT_HINT, passwd_main
 from keepconn import AdmissionConfig, FlappingConfig, ServerConfig
 from keepconn.tcp import TcpKeepalive
 
@@ -99,12 +109,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gateway.py",
         description="MQTT 3.1.1 device gateway on keepconn.",
+        epilog="Users files: `gateway.py passwd --help`.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     pos_f, pos_i = _positive(float), _positive(int)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on ('' for all)")
     p.add_argument("--port", type=int, default=1883, help="MQTT port (0: pick a free one)")
-    p.add_argument("--users", required=True, help="file of username:password lines")
+    p.add_argument(
+        "--users",
+        help="file of username:scrypt$... lines, written by `gateway.py passwd` (needed unless "
+        "--require-client-cert)",
+    )
+    p.add_argument(
+        "--allow-plaintext-users",
+        action="store_true",
+        help="accept clear-text username:password lines in --users (warned about at start)",
+    )
+    p.add_argument("--tls-cert", help="PEM certificate (chain): serve MQTT over TLS")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument(
+        "--tls-ca", help="PEM CA certificates whose client certificates are accepted (optional)"
+    )
+    p.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="every client must present a certificate from --tls-ca; its CN is the user, and "
+        "no password is asked",
+    )
     p.add_argument("--data", default="telemetry.sqlite3", help="SQLite file for telemetry")
     p.add_argument("--hello-timeout", type=pos_f, default=10.0, help="seconds to send CONNECT")
     p.add_argument(
@@ -152,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-host", default="127.0.0.1", help="address for --metrics-port ('' for all)"
     )
     p.add_argument(
+        "--status-host",
+        default="127.0.0.1",
+        help="address of the status page; it has no authentication, so keep it on loopback",
+    )
+    p.add_argument(
         "--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio", help="event loop"
     )
     p.add_argument(
@@ -197,6 +233,47 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Combinations the parser cannot check; ValueError saying what to change."""
+    if args.require_client_cert:
+        if not args.tls_ca:
+            raise ValueError("--require-client-cert needs --tls-ca (the CA of client certificates)")
+        if args.users:
+            raise ValueError("--users is not used with --require-client-cert (the CN is the user)")
+    elif not args.users:
+        raise ValueError("--users is required (or --require-client-cert with TLS)")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if args.tls_ca and not args.tls_cert:
+        raise ValueError("--tls-ca needs --tls-cert and --tls-key (TLS)")
+
+
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context from the command line, or None for plain MQTT."""
+    if not args.tls_cert:
+        return None
+    # Python's defaults for a server: TLS 1.2 at least, no compression, strong ciphers.
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    except OSError as exc:  # ssl.SSLError included
+        raise ValueError(f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: {exc}") from None
+    if args.tls_ca:
+        try:
+            context.load_verify_locations(args.tls_ca)
+        except OSError as exc:
+            raise ValueError(f"--tls-ca {args.tls_ca}: {exc}") from None
+        context.verify_mode = ssl.CERT_REQUIRED if args.require_client_cert else ssl.CERT_OPTIONAL
+    return context
+
+
+def load_users(args: argparse.Namespace) -> Users | None:
+    """The users table (None when users come from certificates)."""
+    if not args.users:
+        return None
+    return Users.load(args.users, allow_plaintext=args.allow_plaintext_users)
+
+
 def _format_address(address: Sequence[Any]) -> str:
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
@@ -204,11 +281,37 @@ def _format_address(address: Sequence[Any]) -> str:
 
 async def run(args: argparse.Namespace) -> int:
     """Serve until SIGINT or SIGTERM; return the exit status."""
+    users = load_users(args)
+    if users is not None and users.plaintext:
+        logger.warning(
+            "INSECURE: users file %s holds %d clear-text password(s) (--allow-plaintext-users): "
+            "whoever reads it can log in as those users; hash it with `%s`",
+            args.users,
+            users.plaintext,
+            CONVERT_HINT.format(path=args.users),
+        )
+    context = tls_context(args)
+    if context is not None:
+        clients = {ssl.CERT_NONE: "none", ssl.CERT_OPTIONAL: "optional"}.get(
+            context.verify_mode, "required (the CN is the user)"
+        )
+        logger.info("TLS on (%s); client certificates: %s", args.tls_cert, clients)
+    status_host = args.status_host or None  # '': every interface
+    if args.status_port and (
+        status_host is None or not ipaddress.ip_address(status_host).is_loopback
+    ):
+        logger.warning(
+            "the status page listens on %s, and it has no authentication", status_host or "*"
+        )
     gateway = Gateway(
-        Users.load(args.users),
+        users,
         Recorder(SQLiteSink(args.data)),
         server_config(args),
-        Options(max_keepalive=args.max_keepalive, max_packet=args.max_packet),
+        Options(
+            max_keepalive=args.max_keepalive,
+            max_packet=args.max_packet,
+            certificate_users=args.require_client_cert,
+        ),
     )
     metrics: Metrics | None = None
     try:
@@ -225,10 +328,10 @@ async def run(args: argparse.Namespace) -> int:
             )
             status_listener = None
             if args.status_port:
-                # Loopback only: the page has no authentication.
+                # Loopback unless asked: the page has no authentication.
                 status_listener = (
                     await anyio.create_tcp_listener(
-                        local_host="127.0.0.1", local_port=args.status_port
+                        local_host=status_host, local_port=args.status_port
                     )
                 ).listeners[0]
             metrics_listeners: list[anyio.abc.SocketListener] = []
@@ -250,13 +353,19 @@ async def run(args: argparse.Namespace) -> int:
             async with anyio.create_task_group() as tasks:
                 # serve() takes the SocketListeners themselves, not anyio's MultiListener.
                 sockets = cast("list[anyio.abc.SocketListener]", list(listener.listeners))
-                await tasks.start(gateway.server.serve, sockets)
+                await tasks.start(
+                    lambda task_status: gateway.server.serve(
+                        sockets, ssl_context=context, task_status=task_status
+                    )
+                )
                 if status_listener is not None:
                     await tasks.start(
                         partial(serve_status, metrics=metrics), gateway.snapshot, status_listener
                     )
-                    status_port = status_listener.extra(SocketAttribute.local_port)
-                    print(f"status on http://127.0.0.1:{status_port}/", flush=True)
+                    status_at = _format_address(
+                        status_listener.extra(SocketAttribute.local_address)
+                    )
+                    print(f"status on http://{status_at}/", flush=True)
                 if metrics is not None and metrics_listeners:
                     for one in metrics_listeners:
                         await tasks.start(serve_metrics, metrics, one)
@@ -288,7 +397,11 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Parse the command line and run the gateway on the chosen backend."""
+    """Parse the command line and run the gateway on the chosen backend (or, with ``passwd``
+    first, edit a users file)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["passwd"]:
+        return passwd_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -296,7 +409,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     try:
-        Users.load(args.users)  # fail before binding anything, with the file's own message
+        check_options(args)
+        load_users(args)  # fail before binding anything, with the file's own message
+        tls_context(args)
+        if args.status_host:
+            ipaddress.ip_address(args.status_host)  # an address, not a name: what it binds
         if args.max_packet > PROTOCOL_MAX_REMAINING_LENGTH:
             raise ValueError(f"--max-packet must be at most {PROTOCOL_MAX_REMAINING_LENGTH}")
         server_config(args)

@@ -15,17 +15,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GATEWAY_SCRIPT", "GatewayProcess", "write_users"]
+from device_gateway.users import hash_password
+
+__all__ = ["GATEWAY_SCRIPT", "GatewayProcess", "write_users", "write_users_file"]
 
 GATEWAY_SCRIPT = Path(__file__).resolve().parent / "gateway.py"
 
 
 def write_users(path: Path, count: int = 8) -> list[tuple[str, str]]:
-    """Write a users file with ``count`` fleet accounts; return the (username, password) pairs."""
+    """Write a (hashed) users file with ``count`` fleet accounts; return the clear (username,
+    password) pairs, which the devices need."""
     rng = random.Random()
     users = [(f"fleet{i}", f"pw-{rng.getrandbits(48):012x}") for i in range(count)]
-    path.write_text("".join(f"{u}:{p}\n" for u, p in users))
+    write_users_file(path, users)
     return users
+
+
+def write_users_file(path: Path, users: Sequence[tuple[str, str]], *, hashed: bool = True) -> None:
+    """Write ``users`` as a users file: hashed, as the gateway wants it, or in clear text (for
+    the naive benchmark gateway, or the devices' own credentials)."""
+    path.write_text(
+        "".join(f"{u}:{hash_password(p) if hashed else p}\n" for u, p in users), encoding="utf-8"
+    )
 
 
 def _free_loopback_port() -> int:

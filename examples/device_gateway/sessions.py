@@ -1,6 +1,6 @@
-"""The MQTT side of the example gateway, on keepconn: the users table, what is kept about each
-live connection, and :class:`Gateway`, keepconn's callbacks (``framer``, ``identify``,
-``handler``, ``refuse``) plus the snapshot behind the status page.
+"""The MQTT side of the example gateway, on keepconn: what is kept about each live connection,
+and :class:`Gateway`, keepconn's callbacks (``framer``, ``identify``, ``handler``, ``refuse``)
+plus the snapshot behind the status page. The users table is :mod:`device_gateway.users`.
 
 The program around it (command line, keepconn's configuration, listeners, signals) is
 ``gateway.py``; what the gateway does with each connection is in that module's docstring.
@@ -8,13 +8,11 @@ The program around it (command line, keepconn's configuration, listeners, signal
 
 from __future__ import annotations
 
-import hmac
 import logging
 import secrets
 import time
 import weakref
-from collections.abc import Hashable, Mapping
-from pathlib import Path
+from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -45,6 +43,7 @@ from device_gateway.mqtt_codec import (
 )
 from device_gateway.sink import Recorder, SinkError, Telemetry, now_wall
 from device_gateway.topics import SubscriptionIndex
+from device_gateway.users import Users, UsersFileError
 from keepconn import (
     CloseReason,
     Connection,
@@ -60,7 +59,7 @@ if TYPE_CHECKING:
     from device_gateway.status import Metrics
     from keepconn.metrics import ServerCollector
 
-__all__ = ["Device", "Gateway", "Options", "Users", "UsersFileError"]
+__all__ = ["Device", "Gateway", "Options", "Users", "UsersFileError", "certificate_cn"]
 
 # The program's logger (gateway.py logs as "gateway" too): one name for every line it writes.
 logger = logging.getLogger("gateway")
@@ -76,57 +75,6 @@ _CONNACK_OK = encode(Connack())
 _CONNACK_UNAVAILABLE = encode(Connack(return_code=ConnackCode.SERVER_UNAVAILABLE))
 #: Prefix of client ids assigned to clients that sent an empty one (MQTT-3.1.3-6).
 ASSIGNED_ID_PREFIX = "auto-"
-
-
-# ----------------------------------------------------------------------------------------------
-# Users.
-
-
-class UsersFileError(ValueError):
-    """The users file cannot be used; the message names the file and line."""
-
-
-class Users:
-    """The ``username:password`` table, checked in constant time per password."""
-
-    def __init__(self, table: Mapping[str, bytes]) -> None:
-        self._table = dict(table)
-        # Compared against when the user is unknown, so "no such user" and "wrong password"
-        # take the same time and an attacker cannot enumerate usernames.
-        self._dummy = secrets.token_bytes(16)
-
-    @classmethod
-    def load(cls, path: str | Path) -> Users:
-        """Read a users file: one ``username:password`` a line; blank lines and ``#`` comments
-        are ignored; the password is everything after the first colon."""
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsersFileError(f"users file {path}: cannot read it: {exc}") from exc
-        table: dict[str, bytes] = {}
-        for number, raw in enumerate(text.splitlines(), start=1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            user, colon, password = line.partition(":")
-            where = f"users file {path}, line {number}"
-            if not colon or not user or not password:
-                raise UsersFileError(f"{where}: expected 'username:password', got {line!r}")
-            if user in table:
-                raise UsersFileError(f"{where}: user {user!r} is listed twice")
-            table[user] = password.encode()
-        if not table:
-            raise UsersFileError(f"users file {path}: no users (one 'username:password' a line)")
-        return cls(table)
-
-    def check(self, username: str, password: bytes) -> bool:
-        """True when ``password`` is ``username``'s."""
-        expected = self._table.get(username)
-        ok = hmac.compare_digest(password, self._dummy if expected is None else expected)
-        return ok and expected is not None
-
-    def __len__(self) -> int:
-        return len(self._table)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,6 +118,9 @@ class Options:
 
     max_keepalive: int = 1800
     max_packet: int = DEFAULT_MAX_REMAINING_LENGTH
+    #: The user is the client certificate's CN and no password is asked (the TLS context must
+    #: require client certificates: ``--require-client-cert``).
+    certificate_users: bool = False
 
 
 class Gateway:
@@ -182,14 +133,16 @@ class Gateway:
 
     def __init__(
         self,
-        users: Users,
+        users: Users | None,
         recorder: Recorder,
         config: ServerConfig,
         options: Options | None = None,
     ) -> None:
+        self.options = options if options is not None else Options()
+        if users is None and not self.options.certificate_users:
+            raise ValueError("a users table is needed unless users come from certificates")
         self.users = users
         self.recorder = recorder
-        self.options = options if options is not None else Options()
         self.server: Server[Packet] = Server(
             identify=self.identify,
             handler=self.handler,
@@ -209,7 +162,7 @@ class Gateway:
         self.wills = 0
         # Streams whose CONNECT was accepted, so that refuse() can tell a refusal after identify
         # (answered by Hello.refusal) from one at accept time. Weak: entries go with the streams.
-        self._identified: weakref.WeakSet[anyio.abc.SocketStream] = weakref.WeakSet()
+        self._identified: weakref.WeakSet[anyio.abc.ByteStream] = weakref.WeakSet()
         #: keepconn's Prometheus collector, once :meth:`enable_metrics` has made it.
         self.metrics: ServerCollector | None = None
 
@@ -250,14 +203,7 @@ class Gateway:
             raise
         if not isinstance(connect, Connect):  # the decoder already refuses this
             raise MQTTProtocolError(f"first packet must be CONNECT, got {connect!r}")
-        username, password = connect.username, connect.password
-        if username is None or password is None:
-            await _send_quietly(conn, encode(Connack(return_code=ConnackCode.NOT_AUTHORIZED)))
-            raise HelloRejected(f"no credentials (client id {connect.client_id!r})")
-        if not self.users.check(username, password):
-            code = ConnackCode.BAD_USERNAME_OR_PASSWORD
-            await _send_quietly(conn, encode(Connack(return_code=code)))
-            raise HelloRejected(f"bad password for user {username!r}")
+        username = await self._authenticate(conn, connect)
 
         client_id = connect.client_id or ASSIGNED_ID_PREFIX + secrets.token_hex(8)
         identity: Hashable = (username, client_id)
@@ -271,12 +217,34 @@ class Gateway:
         # session after all (session cap, flapping ban, duplicate identity).
         return Hello(identity, timeout=timeout, welcome=_CONNACK_OK, refusal=_CONNACK_UNAVAILABLE)
 
-    async def refuse(self, stream: anyio.abc.SocketStream, retry_after: float) -> None:
+    async def _authenticate(self, conn: Connection[Packet], connect: Connect) -> str:
+        """The user the CONNECT logs in as; CONNACK 4 or 5 and HelloRejected if it may not."""
+        if self.options.certificate_users:
+            # TLS has verified the certificate against --tls-ca; its CN is the user, whatever
+            # the CONNECT says (mosquitto's use_identity_as_username does the same).
+            name = certificate_cn(conn.peer_certificate)
+            if name is None:
+                await _send_quietly(conn, encode(Connack(return_code=ConnackCode.NOT_AUTHORIZED)))
+                raise HelloRejected("client certificate without a CN")
+            return name
+        username, password = connect.username, connect.password
+        if username is None or password is None:
+            await _send_quietly(conn, encode(Connack(return_code=ConnackCode.NOT_AUTHORIZED)))
+            raise HelloRejected(f"no credentials (client id {connect.client_id!r})")
+        assert self.users is not None
+        if not await self.users.authenticate(username, password):
+            code = ConnackCode.BAD_USERNAME_OR_PASSWORD
+            await _send_quietly(conn, encode(Connack(return_code=code)))
+            raise HelloRejected(f"bad password for user {username!r}")
+        return username
+
+    async def refuse(self, stream: anyio.abc.ByteStream, retry_after: float) -> None:
         """Admission control refused the connection: CONNACK 3, "server unavailable".
 
         At the accept-rate limit this goes out before the client's CONNECT has been read; MQTT
         clients read it as the answer to their CONNECT, which is the point. MQTT 3.1.1 cannot
-        carry ``retry_after``; clients fall back on their own reconnect backoff.
+        carry ``retry_after``; clients fall back on their own reconnect backoff. Under TLS
+        keepconn does not call this before the handshake: such a connection is just closed.
         """
         del retry_after
         if stream in self._identified:
@@ -489,6 +457,15 @@ class Gateway:
         if census_error is not None:
             status["census_error"] = census_error
         return status
+
+
+def certificate_cn(cert: dict[str, Any] | None) -> str | None:
+    """The subject's common name of a certificate as ``getpeercert()`` decodes it."""
+    for rdn in (cert or {}).get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName" and value:
+                return str(value)
+    return None
 
 
 async def _send_quietly(conn: Connection[Packet], data: bytes) -> None:

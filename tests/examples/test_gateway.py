@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import subprocess
 import sys
 import threading
@@ -36,6 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from device_gateway import gateway as gateway_app
 from device_gateway import mqtt_codec as mq
 from device_gateway.sink import Recorder
+from device_gateway.users import hash_password
 from keepconn import ServerConfig
 from keepconn.tcp import census
 from keepconn.testing.pytest_plugin import REQUIRE_ENV
@@ -133,7 +135,10 @@ def _stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM, timeout: float
 @pytest.fixture
 def users_file(tmp_path: Path) -> Path:
     path = tmp_path / "users.txt"
-    path.write_text("# test users\n" + "".join(f"{u}:{p}\n" for u, p in USERS.items()))
+    # Hashed, as the gateway requires (device_gateway.users).
+    path.write_text(
+        "# test users\n" + "".join(f"{u}:{hash_password(p)}\n" for u, p in USERS.items())
+    )
     return path
 
 
@@ -142,7 +147,7 @@ def start_gateway(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., Ru
     """Start gateways from the documented command; each is stopped by pid when the test ends."""
     procs: list[subprocess.Popen[str]] = []
 
-    def start(*extra: str, backend: str = "asyncio") -> RunningGateway:
+    def start(*extra: str, backend: str = "asyncio", users: bool = True) -> RunningGateway:
         n = len(procs)
         data = tmp_path / f"telemetry{n}.sqlite3"
         status_port = free_port()
@@ -151,7 +156,7 @@ def start_gateway(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., Ru
             str(GATEWAY),
             "--host", "127.0.0.1",
             "--port", "0",
-            "--users", str(users_file),
+            *(["--users", str(users_file)] if users else []),
             "--data", str(data),
             "--hello-timeout", str(HELLO_TIMEOUT),
             "--resolution", str(RESOLUTION),
@@ -190,10 +195,12 @@ def start_gateway(tmp_path: Path, users_file: Path) -> Iterator[Callable[..., Ru
 
 
 class RawClient:
-    """MQTT over a bare socket, for what real clients never do."""
+    """MQTT over a bare socket (TLS over it with ``tls``), for what real clients never do."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, tls: ssl.SSLContext | None = None) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         self.decoder = mq.Decoder(mq.Role.CLIENT)
         self.packets: list[mq.Packet] = []
 
@@ -250,7 +257,15 @@ class RawClient:
 class Device:
     """A paho-mqtt client on its own loop thread, with events for what the tests wait on."""
 
-    def __init__(self, port: int, client_id: str, user: str = "alice", keepalive: int = 60):
+    def __init__(
+        self,
+        port: int,
+        client_id: str,
+        user: str | None = "alice",
+        keepalive: int = 60,
+        tls: ssl.SSLContext | None = None,
+        password: str | None = None,
+    ):
         self.connacks: queue.Queue[Any] = queue.Queue()
         self.messages: queue.Queue[Any] = queue.Queue()
         self.disconnected = threading.Event()
@@ -261,7 +276,10 @@ class Device:
             protocol=paho.MQTTv311,
             clean_session=True,
         )
-        client.username_pw_set(user, USERS[user])
+        if user is not None:
+            client.username_pw_set(user, password if password is not None else USERS[user])
+        if tls is not None:
+            client.tls_set_context(tls)
         # A device the gateway took over must not come straight back and take over in turn.
         client.reconnect_delay_set(min_delay=60, max_delay=60)
         client.on_connect = lambda c, u, flags, reason, props: self.connacks.put(reason)

@@ -1,5 +1,5 @@
 """What the server's and the client's connections share: reading frames, writing, pinging,
-the first-wins close reason, and the RST-or-FIN close.
+the first-wins close reason, the RST-or-FIN close, and TLS over the connection's TCP stream.
 
 A connection owns its own state: the server and the connector call its methods and read its
 properties, they never write its fields. The two sides differ only in their reason enums and
@@ -17,15 +17,18 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
+from anyio.streams.tls import TLSAttribute
 
 from .._core.errors import ProtocolError, SessionClosed
 from .._core.framing import Framer
 from .._core.heartbeat import PingAction, Pinger
 from ..tcp._socket import abort_on_close
 from .failures import TRANSPORT_ERRORS, Failure, failure_of
+from .tls import FLUSH_WAIT, Tls, start_tls
 
 if TYPE_CHECKING:
     import socket
+    import ssl
 
 __all__ = ["StreamConnection"]
 
@@ -47,7 +50,12 @@ class StreamConnection(Generic[F, R]):
     ABORTIVE: ClassVar[frozenset[Any]]
 
     def __init__(self, stream: anyio.abc.SocketStream, framer: Framer[F], receive_size: int):
-        self._stream = stream
+        # The TCP stream stays the connection's for its socket (options, TCP_INFO, FIONREAD,
+        # SO_LINGER) once TLS wraps it; _stream is what is read and written: the TCP stream
+        # itself, or the TLS stream over it after the handshake (_start_tls).
+        self._transport = stream
+        self._stream: anyio.abc.ByteStream = stream
+        self._tls: Tls | None = None
         self._framer = framer
         self._receive_size = receive_size
         self._frames: deque[F] = deque()
@@ -93,14 +101,34 @@ class StreamConnection(Generic[F, R]):
         return self._bytes_in
 
     @property
-    def stream(self) -> anyio.abc.SocketStream:
-        """The underlying anyio stream (for extras; read through :meth:`receive`)."""
+    def stream(self) -> anyio.abc.ByteStream:
+        """The anyio stream the connection reads and writes: the TCP stream, or the TLS stream
+        over it once the handshake is done (for extras; read through :meth:`receive`). Its
+        extras include the socket's (``SocketAttribute``) either way."""
         return self._stream
 
     def raw_socket(self) -> socket.socket:
-        """The connection's socket, for options and TCP_INFO."""
-        sock: socket.socket = self._stream.extra(SocketAttribute.raw_socket)
+        """The connection's TCP socket, for options and TCP_INFO (under TLS too)."""
+        sock: socket.socket = self._transport.extra(SocketAttribute.raw_socket)
         return sock
+
+    @property
+    def tls_version(self) -> str | None:
+        """The TLS version in use (``"TLSv1.3"``), or None without TLS or before its handshake."""
+        return None if self._tls is None else self._tls.extra(TLSAttribute.tls_version)
+
+    @property
+    def peer_certificate(self) -> dict[str, Any] | None:
+        """The peer's certificate, decoded as :meth:`ssl.SSLSocket.getpeercert` does (``subject``,
+        ``issuer``, ``subjectAltName``, ``notAfter``, ...), so that an identity can come from it.
+
+        None without TLS, before the handshake, or when the peer sent no certificate; an empty
+        dict when the context does not verify certificates (``verify_mode`` CERT_NONE), since
+        an unverified certificate proves nothing.
+        """
+        if self._tls is None:
+            return None
+        return self._tls.extra(TLSAttribute.peer_certificate)
 
     # -- reading and writing
 
@@ -157,6 +185,25 @@ class StreamConnection(Generic[F, R]):
                 self._transport_failed(exc)
                 raise
 
+    # -- TLS
+
+    async def _start_tls(
+        self, context: ssl.SSLContext, *, server_side: bool, hostname: str | None = None
+    ) -> None:
+        """Run the TLS handshake; from then on the connection reads and writes through TLS.
+
+        The caller bounds it (the hello timeout) and turns its exceptions into a reason:
+        ssl.SSLError for a failed handshake, anyio.EndOfStream or a transport error otherwise.
+        """
+        self._tls = await start_tls(
+            self._transport, context, server_side=server_side, hostname=hostname
+        )
+        self._stream = self._tls
+
+    def _tls_buffered(self) -> int:
+        """Bytes TLS has taken from the kernel that were not read yet (0 without TLS)."""
+        return 0 if self._tls is None else self._tls.buffered()
+
     # -- closing
 
     def _record(self, reason: R, detail: str = "") -> bool:
@@ -184,10 +231,20 @@ class StreamConnection(Generic[F, R]):
     async def _close_socket(self) -> None:
         """Close the socket, abortively when :meth:`_resets` says so. Shield the call."""
         if self._resets():
+            # No close_notify before a RST: the peer is gone or displaced, and the RST drops
+            # whatever was still queued anyway.
             try:
                 abort_on_close(self.raw_socket())
             except (OSError, ValueError, anyio.TypedAttributeLookupError):
                 pass  # already closed underneath us (uvloop reports a negative descriptor)
+        elif self._tls is not None and self._may_notify_close():
+            # A FIN under TLS goes after close_notify, so the peer's TLS library reads a clean
+            # end rather than a truncation. Handed to the kernel, never waited on.
+            with anyio.move_on_after(FLUSH_WAIT):
+                try:
+                    await self._tls.say_close_notify()
+                except TRANSPORT_ERRORS:
+                    pass
         try:
             await self._stream.aclose()
         except (OSError, anyio.BrokenResourceError):
@@ -235,6 +292,11 @@ class StreamConnection(Generic[F, R]):
 
     def _showed_life(self) -> None:
         """At least one complete frame arrived."""
+
+    def _may_notify_close(self) -> bool:
+        """Whether a FIN close under TLS may still send close_notify first (not when a FIN is
+        out already)."""
+        return True
 
     def _check_writable(self) -> None:
         """Raise SessionClosed if nothing may be sent any more."""

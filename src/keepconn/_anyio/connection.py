@@ -178,6 +178,11 @@ class Connection(StreamConnection[F, CloseReason]):
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace)
         return True
 
+    def _may_notify_close(self) -> bool:
+        # After a graceful close's FIN there is nothing more to send: shutdown() said
+        # close_notify before it, the reaper's synchronous half-close could not.
+        return not self._eof_sent
+
     def _resets(self) -> bool:
         # Dead and displaced peers get a RST; so does a graceful close whose grace ran out
         # without the peer's FIN (a shutdown straggler): a FIN would sit in FIN_WAIT1.
@@ -228,6 +233,9 @@ class Connection(StreamConnection[F, CloseReason]):
         reaping it would be a false reap. Asked of the kernel (FIONREAD) only for sessions
         that are due, so it costs nothing on the hot path.
 
+        Under TLS the kernel's unread bytes are ciphertext, and TLS may hold bytes it took from
+        the kernel but nobody has read: either way the peer sent them, so it is alive.
+
         Unread bytes are not a complete frame, though. Once spared, a session is spared again
         only while the server has still read nothing from it: if it did read and no frame
         completed, the peer is trickling partial frames (slowloris), not waiting on us.
@@ -236,7 +244,7 @@ class Connection(StreamConnection[F, CloseReason]):
         if mark is not None and mark != self._bytes_in:
             return False
         try:
-            waiting = unread_bytes(self.raw_socket())
+            waiting = unread_bytes(self.raw_socket()) + self._tls_buffered()
         except _LOOKUP_ERRORS:
             return False
         if waiting <= 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import ssl
 
 import anyio
 
@@ -54,6 +55,10 @@ def failure_of(exc: BaseException) -> tuple[Failure, str]:
         # Only our own side closes a stream, and it records a reason first; this is the
         # fallback for an application that closed it behind the connection's back.
         return Failure.CLOSED, "stream closed"
+    if isinstance(exc, ssl.SSLError) and not isinstance(exc, ssl.SSLSyscallError):
+        # A TLS record that does not decrypt or an alert from the peer: its bytes broke the
+        # protocol. (Its errno is an OpenSSL code, not an OS one.)
+        return Failure.PROTOCOL, f"TLS: {exc.reason or exc}"
     code = errno_of(exc)
     if code == errno.ETIMEDOUT:
         return Failure.TIMED_OUT, "ETIMEDOUT"

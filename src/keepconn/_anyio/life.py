@@ -1,19 +1,26 @@
 """A connection's life on the server, from accept to the close with its one reason::
 
-    accept ── admission ── hello (identify, within hello_timeout) ── session open / takeover
-          └─ refused: OVERLOADED   └─ HELLO_TIMEOUT, AUTH_FAILED    └─ handler runs; every
-                                                                     complete frame touches
+    accept ── admission ── hello: [TLS handshake] + identify ── session open / takeover
+          └─ refused: OVERLOADED   │  (one hello_timeout for both)  └─ handler runs; every
+                                   └─ HELLO_TIMEOUT, TLS_FAILED,       complete frame touches
+                                      AUTH_FAILED
     ... ── close with exactly one CloseReason ── socket closed: RST for a dead or displaced peer,
                                                  FIN otherwise; registry, stats, event, log line
 
 The verdicts (admission, bans, takeover) are the core's :class:`Gatekeeper`; this module does
 what they say and keeps the server's per-connection counters.
+
+Under TLS the handshake is part of the hello: it counts as a pending hello for admission (a
+peer that connects and never finishes its handshake is shed or closed HELLO_TIMEOUT like one
+that never says hello), and a failed handshake closes that connection alone, before anything
+could reach a live session.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import ssl
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
@@ -30,7 +37,8 @@ from .._core.opening import Gatekeeper, Refusal
 from .._core.reasons import CloseReason
 from .._core.registry import Session
 from .connection import Connection
-from .failures import Failure, errors_in, first_failure
+from .failures import TRANSPORT_ERRORS, Failure, errors_in, failure_of, first_failure
+from .tls import handshake_failure
 
 __all__ = ["Lifecycle"]
 
@@ -39,6 +47,8 @@ logger = logging.getLogger("keepconn.server")
 F = TypeVar("F")
 
 Callback = Callable[[Connection[F]], Awaitable[None]]
+#: The refuse callback: ``(stream, retry_after)``.
+Refuse = Callable[[anyio.abc.ByteStream, float], Awaitable[None]]
 
 
 class Lifecycle(Generic[F]):
@@ -53,7 +63,7 @@ class Lifecycle(Generic[F]):
         handler: Callback[F],
         framer: Callable[[], Framer[F]],
         send_ping: Callback[F] | None,
-        refuse: Callable[[anyio.abc.SocketStream, float], Awaitable[None]] | None,
+        refuse: Refuse | None,
         emit: Callable[[ServerEvent], None],
         stopping: anyio.Event,
         rng: random.Random,
@@ -98,9 +108,12 @@ class Lifecycle(Generic[F]):
 
     # -- one connection
 
-    async def run(self, stream: anyio.abc.SocketStream, order: int) -> None:
+    async def run(
+        self, stream: anyio.abc.SocketStream, order: int, tls: ssl.SSLContext | None = None
+    ) -> None:
         """Serve one accepted stream until it closes; ``order`` is its place in the accept
-        order (counted when accepted: tasks need not start in the order they were spawned)."""
+        order (counted when accepted: tasks need not start in the order they were spawned).
+        With ``tls`` the connection's hello begins with a TLS handshake in that context."""
         try:
             framer = self._framer()
         except Exception:
@@ -122,12 +135,12 @@ class Lifecycle(Generic[F]):
         try:
             with conn._scope:
                 try:
-                    if not await self._admit(conn):
+                    if not await self._admit(conn, tls is not None):
                         return
                     self._apply_keepalive(conn)
                     in_hello = True
                     self._hello_started(conn)
-                    hello = await self._hello(conn)
+                    hello = await self._hello(conn, tls)
                     self._hello_ended(conn)
                     in_hello = False
                     if hello is None:
@@ -187,15 +200,18 @@ class Lifecycle(Generic[F]):
         if self._gate.admission is not None:
             self._gate.admission.hello_finished(conn)
 
-    async def _admit(self, conn: Connection[F]) -> bool:
-        """Admission at accept time: refused connections cost no hello parsing."""
+    async def _admit(self, conn: Connection[F], tls: bool) -> bool:
+        """Admission at accept time: refused connections cost no hello parsing (nor, under
+        TLS, a handshake)."""
         if self._stopping.is_set():
             conn._record(CloseReason.SHUTDOWN)
             return False
         refusal = self._gate.admit_connection(anyio.current_time(), conn.host)
         if refusal is None:
             return True
-        await self._refuse_connection(conn, refusal, refusal.retry_after)
+        # Under TLS a refusal could only be said after a handshake, the very work admission
+        # is there to save in a storm: the connection is closed without one.
+        await self._refuse_connection(conn, refusal, None if tls else refusal.retry_after)
         return False
 
     async def _refuse_connection(
@@ -219,15 +235,37 @@ class Lifecycle(Generic[F]):
             # The peer may already be gone; the hello will find out.
             logger.debug("keepalive not applied to %r: %s", conn, exc)
 
-    async def _hello(self, conn: Connection[F]) -> Hello | None:
+    async def _hello(self, conn: Connection[F], tls: ssl.SSLContext | None) -> Hello | None:
+        # One timeout for the handshake and the hello together: what a device must do before
+        # it has a session, and what a connection may cost the server before it proves itself.
         with anyio.move_on_after(self._config.hello_timeout) as timer:
+            if tls is not None and not await self._handshake(conn, tls):
+                return None
             hello = await self._identify(conn)
         if timer.cancelled_caught:
-            conn._record(CloseReason.HELLO_TIMEOUT)
+            stalled = tls is not None and conn.tls_version is None
+            conn._record(CloseReason.HELLO_TIMEOUT, "in the TLS handshake" if stalled else "")
             return None
         if not isinstance(hello, Hello):
             raise TypeError(f"identify must return a Hello, got {hello!r}")
         return hello
+
+    async def _handshake(self, conn: Connection[F], context: ssl.SSLContext) -> bool:
+        """The TLS handshake; False (with the connection's reason recorded) if it failed."""
+        try:
+            await conn._start_tls(context, server_side=True)
+        except anyio.EndOfStream:
+            conn._record(CloseReason.PEER_CLOSED, "during the TLS handshake")
+            return False
+        except TRANSPORT_ERRORS as exc:  # ssl.SSLError is an OSError
+            words = handshake_failure(exc)
+            if words is not None:
+                conn._record(CloseReason.TLS_FAILED, words)
+            else:
+                failure, detail = failure_of(exc)
+                conn._record_failure(failure, f"{detail} during the TLS handshake")
+            return False
+        return True
 
     async def _open_session(self, conn: Connection[F], hello: Hello) -> bool:
         if self._stopping.is_set() or conn.reason is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -33,9 +34,10 @@ from .._core.reasons import CloseReason
 from .._core.registry import Session, SessionRegistry
 from .accept import accept_forever
 from .connection import Connection
-from .life import Lifecycle
+from .life import Lifecycle, Refuse
 from .reaper import reap_forever
 from .shutdown import drain
+from .tls import check_server_context
 
 if TYPE_CHECKING:
     from ..tcp import CensusRow
@@ -63,7 +65,10 @@ class Server(Generic[F]):
     :param goodbye: ``async (conn, retry_after) -> None``: tell a peer the server is going
         away and when to come back (shutdown).
     :param refuse: ``async (stream, retry_after) -> None``: say "come back later" to a
-        connection refused by admission control, before it is closed with OVERLOADED.
+        connection refused by admission control, before it is closed with OVERLOADED. Under
+        TLS it is called only for refusals after the handshake (``stream`` is then the TLS
+        stream): one refused at accept time is closed without a word, since saying it would
+        take the handshake that admission control is there to spare.
     :param on_event: called with every ServerEvent (keep it quick; it runs inline). More
         listeners can attach later with :meth:`add_listener`.
     """
@@ -77,7 +82,7 @@ class Server(Generic[F]):
         config: ServerConfig | None = None,
         send_ping: Callable[[Connection[F]], Awaitable[None]] | None = None,
         goodbye: Callable[[Connection[F], float], Awaitable[None]] | None = None,
-        refuse: Callable[[anyio.abc.SocketStream, float], Awaitable[None]] | None = None,
+        refuse: Refuse | None = None,
         on_event: Callable[[ServerEvent], None] | None = None,
         rng: random.Random | None = None,
     ) -> None:
@@ -137,10 +142,18 @@ class Server(Generic[F]):
         port: int = 0,
         *,
         backlog: int = 4096,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: anyio.abc.TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Listen on ``host``:``port`` (IPv4 and/or IPv6; None means all interfaces) and serve
-        until :meth:`shutdown`. ``task_status.started`` receives the bound addresses."""
+        until :meth:`shutdown`. ``task_status.started`` receives the bound addresses.
+
+        With ``ssl_context`` (a server context: ``ssl.create_default_context(
+        ssl.Purpose.CLIENT_AUTH)`` with a certificate chain loaded) every connection speaks TLS;
+        see :meth:`serve`.
+        """
+        if ssl_context is not None:
+            check_server_context(ssl_context)  # before binding anything
         hosts: list[str | None] = [host] if host is None or isinstance(host, str) else list(host)
         listeners: list[anyio.abc.SocketListener] = []
         try:
@@ -156,17 +169,28 @@ class Server(Generic[F]):
             for listener in listeners:
                 await listener.aclose()
             raise
-        await self.serve(listeners, task_status=task_status)
+        await self.serve(listeners, ssl_context=ssl_context, task_status=task_status)
 
     async def serve(
         self,
         listeners: anyio.abc.Listener[Any] | Iterable[anyio.abc.SocketListener],
         *,
+        ssl_context: ssl.SSLContext | None = None,
         task_status: anyio.abc.TaskStatus[list[tuple[str, int]]] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve existing listeners until :meth:`shutdown` (which closes them)."""
+        """Serve existing listeners until :meth:`shutdown` (which closes them).
+
+        With ``ssl_context`` every accepted connection begins with a TLS handshake, as part of
+        its hello: within ``hello_timeout`` together with ``identify``, and counted as a
+        pending hello for admission. A handshake that fails closes that connection alone with
+        TLS_FAILED (the detail says why); ``identify`` then reads decrypted frames and finds
+        the peer's certificate in ``conn.peer_certificate``. Keepalive, TCP_USER_TIMEOUT, the
+        RST of a dead peer's close, sparing and :meth:`audit` work on the TCP socket beneath.
+        Listeners must be plain TCP ones: the server does the TLS.
+        """
         if self._serving or self._started.is_set():
             raise RuntimeError("a Server serves once; make a new one to serve again")
+        tls = None if ssl_context is None else check_server_context(ssl_context)
         # One listener, anyio's MultiListener (what create_tcp_listener returns), or several.
         given: Iterable[Any] = (
             [listeners] if isinstance(listeners, anyio.abc.Listener) else listeners
@@ -182,7 +206,7 @@ class Server(Generic[F]):
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._reap, name="keepconn reaper")
                 for listener in self._listeners:
-                    tasks.start_soon(self._accept, listener, tasks, name="keepconn accept")
+                    tasks.start_soon(self._accept, listener, tasks, tls, name="keepconn accept")
                 self.addresses = [
                     tuple(ln.extra(SocketAttribute.local_address))[:2]  # type: ignore[misc]
                     for ln in found
@@ -217,10 +241,15 @@ class Server(Generic[F]):
 
     # -- the server's tasks
 
-    async def _accept(self, listener: anyio.abc.SocketListener, tasks: anyio.abc.TaskGroup) -> None:
+    async def _accept(
+        self,
+        listener: anyio.abc.SocketListener,
+        tasks: anyio.abc.TaskGroup,
+        tls: ssl.SSLContext | None,
+    ) -> None:
         def spawn(stream: anyio.abc.SocketStream) -> None:
             self._accepted += 1
-            tasks.start_soon(self._lives.run, stream, self._accepted)
+            tasks.start_soon(self._lives.run, stream, self._accepted, tls)
 
         def failed() -> None:
             self._accept_errors += 1

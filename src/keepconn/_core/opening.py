@@ -169,6 +169,7 @@ PEER_ABORTS = frozenset(
         CloseReason.HELLO_TIMEOUT,
         CloseReason.AUTH_FAILED,
         CloseReason.PROTOCOL_ERROR,
+        CloseReason.TLS_FAILED,
         CloseReason.PEER_CLOSED,
         CloseReason.PEER_RESET,
     }

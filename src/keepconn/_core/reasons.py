@@ -36,6 +36,11 @@ class CloseReason(enum.Enum):
     STALE_HELLO = "stale_hello"
     #: The peer broke the wire protocol.
     PROTOCOL_ERROR = "protocol_error"
+    #: The TLS handshake failed: the peer's certificate was refused (or missing where one is
+    #: required), no protocol version or cipher was shared, or the peer does not speak TLS at
+    #: all (plaintext on a TLS port). Only that connection is closed, before its hello, so it
+    #: never touches a live session. The detail says why ("TLS handshake failed: ...").
+    TLS_FAILED = "tls_failed"
     #: The peer pinged faster than allowed, repeatedly.
     TOO_MANY_PINGS = "too_many_pings"
     #: Admission control refused the connection.

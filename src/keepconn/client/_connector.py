@@ -2,10 +2,11 @@
 
 One attempt's life::
 
-    connect (connect_timeout) ── hello (hello_timeout) ── session: handler + client pings
-      └─ CONNECT_FAILED/TIMEOUT   └─ HELLO_TIMEOUT,        └─ SERVER_CLOSED, RESET,
-                                     REJECTED, REFUSED        SERVER_SILENT, KEEPALIVE_TIMEOUT,
-                                                              PROTOCOL_ERROR, CLOSED_BY_APP
+    connect (connect_timeout) ── [TLS] + hello (hello_timeout) ── session: handler + pings
+      └─ CONNECT_FAILED/TIMEOUT   └─ HELLO_TIMEOUT, TLS_FAILED,  └─ SERVER_CLOSED, RESET,
+                                     REJECTED, REFUSED              SERVER_SILENT,
+                                                                    KEEPALIVE_TIMEOUT,
+                                                                    PROTOCOL_ERROR, CLOSED_BY_APP
     ... ── socket closed ── Disconnect(reason, delay) reported ── sleep(delay) ── next attempt
 
 The backoff starts over only after a session stayed up for ``healthy_after`` seconds, so a
@@ -19,6 +20,7 @@ import contextlib
 import errno
 import logging
 import random
+import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, NoReturn, TypeVar
@@ -27,6 +29,8 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
+from .._anyio.failures import TRANSPORT_ERRORS
+from .._anyio.tls import handshake_failure
 from .._core.errors import ConfigError
 from .._core.framing import Framer
 from .._core.heartbeat import Pinger
@@ -84,6 +88,8 @@ class Connector(Generic[F]):
         self._send_ping = send_ping
         self._on_disconnect = on_disconnect
         self._backoff = config.backoff.delays(rng)
+        # Made once: a default context loads the system's CA store, which takes milliseconds.
+        self._tls = config.ssl_context()
         self._running = False
         self._conn: ClientConnection[F] | None = None
         self._attempts = 0
@@ -204,13 +210,18 @@ class Connector(Generic[F]):
         config = self.config
         if config.keepalive is not None:
             config.keepalive.apply(conn.raw_socket())
-        if self._hello is not None:
+        if self._hello is not None or self._tls is not None:
+            # One timeout for the handshake and the hello, as on the server: a server that
+            # accepts and then says nothing must not hold a device, whichever step it stalls.
             with anyio.move_on_after(config.hello_timeout) as timer:
-                await self._guard(conn, self._hello)
+                if self._tls is None or await self._handshake(conn, self._tls):
+                    if self._hello is not None:
+                        await self._guard(conn, self._hello)
             if timer.cancelled_caught:
+                step = "TLS handshake" if conn.tls_version is None else "hello"
                 conn._end(
                     DisconnectReason.HELLO_TIMEOUT,
-                    f"no hello within {config.hello_timeout:g} s",
+                    f"no {step} within {config.hello_timeout:g} s",
                 )
             if conn.reason is not None:
                 return
@@ -223,6 +234,25 @@ class Connector(Generic[F]):
                 tasks.start_soon(self._guard, conn, self._ping_loop)
             await self._guard(conn, handler)
             conn._end(DisconnectReason.CLOSED_BY_APP)
+
+    async def _handshake(self, conn: ClientConnection[F], context: ssl.SSLContext) -> bool:
+        """The TLS handshake; False (the connection ended with its reason) if it failed."""
+        hostname = self.config.server_hostname or self.host
+        try:
+            await conn._start_tls(context, server_side=False, hostname=hostname)
+        except anyio.EndOfStream:
+            conn._end(DisconnectReason.SERVER_CLOSED, "during the TLS handshake")
+            return False
+        except TRANSPORT_ERRORS as exc:  # ssl.SSLError is an OSError
+            words = handshake_failure(exc)
+            if words is not None:
+                conn._end(DisconnectReason.TLS_FAILED, words)
+            else:
+                found = classify(exc)
+                reason, detail = found if found is not None else (DisconnectReason.RESET, "")
+                conn._end(reason, f"{detail} during the TLS handshake")
+            return False
+        return True
 
     async def _guard(self, conn: ClientConnection[F], callback: Callback[F]) -> None:
         """Run a callback; turn a connection failure into the connection's reason."""

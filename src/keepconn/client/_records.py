@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import enum
+import ssl
+from typing import Any
 
 import attrs
 
 from .._core.backoff import Backoff
+from .._core.errors import ConfigError
 from .._core.heartbeat import ActiveHeartbeat
 from .._core.validate import number
 from ..tcp import TcpKeepalive
@@ -21,8 +24,12 @@ class DisconnectReason(enum.Enum):
     CONNECT_FAILED = "connect_failed"
     #: TCP connect did not complete within ``connect_timeout`` (a black-holed address).
     CONNECT_TIMEOUT = "connect_timeout"
-    #: The hello callback did not finish within ``hello_timeout``.
+    #: The TLS handshake and the hello callback did not finish within ``hello_timeout``.
     HELLO_TIMEOUT = "hello_timeout"
+    #: The TLS handshake failed: the server's certificate was refused (expired, signed by a CA
+    #: we do not trust, or for another name), or no protocol version was shared. The error
+    #: says which ("TLS handshake failed: ...").
+    TLS_FAILED = "tls_failed"
     #: The hello callback raised :class:`~keepconn.HelloRejected` (the server refused us).
     REJECTED = "rejected"
     #: The server turned the connection away with a retry-after hint before the session began
@@ -40,6 +47,18 @@ class DisconnectReason(enum.Enum):
     PROTOCOL_ERROR = "protocol_error"
     #: The application closed the connection, or its handler returned.
     CLOSED_BY_APP = "closed_by_app"
+
+
+def _check_tls(instance: object, attribute: Any, value: Any) -> None:
+    if not isinstance(value, (bool, ssl.SSLContext)):
+        raise ConfigError(f"tls must be True, False or an ssl.SSLContext, got {value!r}")
+    if isinstance(value, ssl.SSLContext) and value.protocol == ssl.PROTOCOL_TLS_SERVER:
+        raise ConfigError("tls must be a client context, got a PROTOCOL_TLS_SERVER one")
+
+
+def _check_hostname(instance: object, attribute: Any, value: Any) -> None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ConfigError(f"server_hostname must be a host name or None, got {value!r}")
 
 
 @attrs.frozen
@@ -90,6 +109,20 @@ class ClientConfig:
     healthy_after: float = attrs.field(default=10.0, validator=number(min_inclusive=True))
     #: Bytes asked of the socket per receive.
     receive_size: int = attrs.field(default=65536, validator=number(integer=True))
+    #: TLS: False for plain TCP, True for the system's trusted CAs and hostname checking
+    #: (``ssl.create_default_context()``), or a client ``ssl.SSLContext`` of one's own (a
+    #: private CA, a client certificate). The handshake runs after TCP connect, within
+    #: ``hello_timeout`` together with the hello.
+    tls: bool | ssl.SSLContext = attrs.field(default=False, validator=_check_tls)
+    #: The name the server's certificate must carry (and the SNI sent), when it is not the
+    #: host the connector dials (an address, say). None: the connector's host.
+    server_hostname: str | None = attrs.field(default=None, validator=_check_hostname)
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client context :attr:`tls` stands for, or None for plain TCP."""
+        if isinstance(self.tls, ssl.SSLContext):
+            return self.tls
+        return ssl.create_default_context() if self.tls else None
 
 
 @attrs.frozen

@@ -56,6 +56,7 @@ REASON_CLASSES: Mapping[CloseReason, str] = {
     CloseReason.HELLO_TIMEOUT: "refused",
     CloseReason.AUTH_FAILED: "refused",
     CloseReason.STALE_HELLO: "refused",
+    CloseReason.TLS_FAILED: "refused",
     CloseReason.OVERLOADED: "refused",
     CloseReason.FLAPPING: "refused",
     CloseReason.MAX_AGE: "server",
