@@ -61,10 +61,11 @@ from pathlib import Path
 import attrs
 
 from churn_servers import mosquitto_binary
+from device_gateway.gateway_process import write_users_file
 from harness import OUT, loadavg, machine, sigterm_as_exit, write_json
 from runtime_report import plot, table
-from runtime_run import Account, Params, run_one
-from runtime_servers import CONTENDERS, NAMES
+from runtime_run import Params, run_one
+from runtime_servers import CONTENDERS, NAMES, Account
 
 #: Connections per client process (old and new ones of a takeover included).
 PER_PROCESS = 4000
@@ -169,9 +170,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="keepconn-runtime-") as tmp:
             workdir = Path(tmp)
             user = ("runtime", "pw-" + secrets.token_hex(8))
-            users = workdir / "users.txt"
-            users.write_text(f"{user[0]}:{user[1]}\n")
-            account = Account(users, user)
+            account = Account(workdir / "users.txt", workdir / "users-clear.txt", user)
+            write_users_file(account.users_file, [user])
+            write_users_file(account.clear_users_file, [user], hashed=False)
             for contender in contenders:
                 results.append(run_one(contender, params, workdir, account, log))
         elapsed = time.monotonic() - started

@@ -24,7 +24,7 @@ from typing import Any
 import attrs
 
 from harness import quantile, round_or_none
-from runtime_servers import Clients, Contender, ServerProcess
+from runtime_servers import Account, Clients, Contender, ServerProcess
 
 Log = Callable[[str], None]
 
@@ -44,12 +44,6 @@ class Params:
     processes: int
     connect_timeout: float
     seed: int
-
-
-@attrs.frozen
-class Account:
-    users_file: Path
-    user: tuple[str, str]
 
 
 def _spec(c: Contender, port: int, p: Params, account: Account, prefix: str) -> dict[str, Any]:
@@ -99,7 +93,7 @@ def _sample(server: ServerProcess) -> dict[str, Any]:
 def sizes(c: Contender, p: Params, workdir: Path, account: Account, log: Log) -> dict[str, Any]:
     """The sizes phase (see the module docstring): samples at N1 and N2, the N2 window."""
     notes: list[str] = []
-    server = ServerProcess(c, workdir, account.users_file, "sizes")
+    server = ServerProcess(c, workdir, account, "sizes")
     clients: Clients | None = None
     try:
         log(f"[{c.name}] pid {server.proc.pid}, port {server.port}: {' '.join(server.argv[1:])}")
@@ -158,7 +152,7 @@ def sizes(c: Contender, p: Params, workdir: Path, account: Account, log: Log) ->
 def takeover(c: Contender, p: Params, workdir: Path, account: Account, log: Log) -> dict[str, Any]:
     """The takeover phase: CONNECT -> CONNACK of rebooted devices over a connected fleet."""
     notes: list[str] = []
-    server = ServerProcess(c, workdir, account.users_file, "takeover")
+    server = ServerProcess(c, workdir, account, "takeover")
     clients: Clients | None = None
     try:
         log(f"[{c.name}] takeover: pid {server.proc.pid}, port {server.port}")

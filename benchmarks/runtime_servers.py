@@ -112,10 +112,19 @@ def _mosquitto_conf(path: Path, port: int) -> None:
     )
 
 
+@attrs.frozen
+class Account:
+    #: The gateway's users file (hashed, as it requires) and the naive gateway's (clear text,
+    #: as a tutorial gateway keeps it), both for the one account the clients use.
+    users_file: Path
+    clear_users_file: Path
+    user: tuple[str, str]
+
+
 class ServerProcess:
     """One server under test, started fresh for one phase of one contender."""
 
-    def __init__(self, contender: Contender, workdir: Path, users: Path, tag: str) -> None:
+    def __init__(self, contender: Contender, workdir: Path, account: Account, tag: str) -> None:
         self.contender = contender
         self.control_port = free_port() if contender.python else None
         self.log_path = workdir / f"{contender.name}-{tag}.log"
@@ -123,13 +132,15 @@ class ServerProcess:
         self._control: socket.socket | None = None
         self._control_lines: Any = None
         try:
-            self.proc, self.port = self._start(workdir, users, tag)
+            self.proc, self.port = self._start(workdir, account, tag)
         except BaseException:
             self._log.close()
             raise
         self.ps = psutil.Process(self.proc.pid)
 
-    def _start(self, workdir: Path, users: Path, tag: str) -> tuple[subprocess.Popen[Any], int]:
+    def _start(
+        self, workdir: Path, account: Account, tag: str
+    ) -> tuple[subprocess.Popen[Any], int]:
         c = self.contender
         if c.program == "mosquitto":
             binary = mosquitto_binary()
@@ -156,10 +167,11 @@ class ServerProcess:
             argv = [sys.executable, str(LINES), *c.args, *base]
         elif c.program == "gateway":
             data = workdir / f"gateway-{tag}.sqlite3"
-            argv = [sys.executable, str(WRAP), "gateway", *base, "--users", str(users)]
+            argv = [sys.executable, str(WRAP), "gateway", *base, "--users", str(account.users_file)]
             argv += ["--data", str(data), *c.args]
         else:
-            argv = [sys.executable, str(WRAP), "naive", *base, "--users", str(users), *c.args]
+            users = str(account.clear_users_file)
+            argv = [sys.executable, str(WRAP), "naive", *base, "--users", users, *c.args]
         self.argv = argv
         env = {**os.environ, CONTROL_ENV: str(self.control_port)}
         return start_listening(

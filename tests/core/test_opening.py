@@ -228,6 +228,7 @@ _PEERS_OWN = [
     CloseReason.PROTOCOL_ERROR,
     CloseReason.PEER_CLOSED,
     CloseReason.PEER_RESET,
+    CloseReason.TLS_FAILED,  # a handshake the peer broke: a scanner or a misconfigured device
 ]
 
 
