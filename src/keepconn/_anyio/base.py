@@ -24,7 +24,7 @@ from .._core.framing import Framer
 from .._core.heartbeat import PingAction, Pinger
 from ..tcp._socket import abort_on_close
 from .failures import TRANSPORT_ERRORS, Failure, failure_of
-from .tls import FLUSH_WAIT, Tls, start_tls
+from .tls import FLUSH_WAIT, Tls, handshake_failure, start_tls
 
 if TYPE_CHECKING:
     import socket
@@ -199,6 +199,29 @@ class StreamConnection(Generic[F, R]):
             self._transport, context, server_side=server_side, hostname=hostname
         )
         self._stream = self._tls
+
+    async def _handshake(
+        self, context: ssl.SSLContext, *, server_side: bool, hostname: str | None = None
+    ) -> bool:
+        """The TLS handshake (:meth:`_start_tls`); False, with the connection's reason
+        recorded, if it failed. The caller bounds it (the hello timeout)."""
+        try:
+            await self._start_tls(context, server_side=server_side, hostname=hostname)
+        except anyio.EndOfStream:
+            self._record_failure(Failure.EOF, "during the TLS handshake")
+        except TRANSPORT_ERRORS as exc:  # ssl.SSLError is an OSError
+            words = handshake_failure(exc)
+            if words is not None:
+                self._record_failure(Failure.TLS, words)
+            else:
+                failure, detail = failure_of(exc)
+                if self.REASONS[failure] is None:
+                    # Not an application bug, whatever the exception: the transport broke.
+                    failure = Failure.BROKEN
+                self._record_failure(failure, f"{detail} during the TLS handshake")
+        else:
+            return True
+        return False
 
     def _tls_buffered(self) -> int:
         """Bytes TLS has taken from the kernel that were not read yet (0 without TLS)."""

@@ -41,6 +41,7 @@ class Connection(StreamConnection[F, CloseReason]):
         Failure.CLOSED: CloseReason.APPLICATION,
         Failure.TIMED_OUT: CloseReason.KEEPALIVE_TIMEOUT,
         Failure.BROKEN: CloseReason.PEER_RESET,
+        Failure.TLS: CloseReason.TLS_FAILED,
         Failure.OTHER: CloseReason.APPLICATION,
     }
     ABORTIVE: ClassVar[frozenset[CloseReason]] = ABORTIVE

@@ -36,6 +36,9 @@ class Failure(enum.Enum):
     TIMED_OUT = "timed_out"
     #: The connection was reset or broke (ECONNRESET, EPIPE, ...).
     BROKEN = "broken"
+    #: The TLS handshake failed (certificate, protocol version, plaintext on a TLS port).
+    #: Only the handshake reports it: once it is done, TLS errors are the peer's PROTOCOL.
+    TLS = "tls"
     #: Anything else: an application bug, not a network failure.
     OTHER = "other"
 

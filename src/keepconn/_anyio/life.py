@@ -37,8 +37,7 @@ from .._core.opening import Gatekeeper, Refusal
 from .._core.reasons import CloseReason
 from .._core.registry import Session
 from .connection import Connection
-from .failures import TRANSPORT_ERRORS, Failure, errors_in, failure_of, first_failure
-from .tls import handshake_failure
+from .failures import Failure, errors_in, first_failure
 
 __all__ = ["Lifecycle"]
 
@@ -239,7 +238,7 @@ class Lifecycle(Generic[F]):
         # One timeout for the handshake and the hello together: what a device must do before
         # it has a session, and what a connection may cost the server before it proves itself.
         with anyio.move_on_after(self._config.hello_timeout) as timer:
-            if tls is not None and not await self._handshake(conn, tls):
+            if tls is not None and not await conn._handshake(tls, server_side=True):
                 return None
             hello = await self._identify(conn)
         if timer.cancelled_caught:
@@ -249,23 +248,6 @@ class Lifecycle(Generic[F]):
         if not isinstance(hello, Hello):
             raise TypeError(f"identify must return a Hello, got {hello!r}")
         return hello
-
-    async def _handshake(self, conn: Connection[F], context: ssl.SSLContext) -> bool:
-        """The TLS handshake; False (with the connection's reason recorded) if it failed."""
-        try:
-            await conn._start_tls(context, server_side=True)
-        except anyio.EndOfStream:
-            conn._record(CloseReason.PEER_CLOSED, "during the TLS handshake")
-            return False
-        except TRANSPORT_ERRORS as exc:  # ssl.SSLError is an OSError
-            words = handshake_failure(exc)
-            if words is not None:
-                conn._record(CloseReason.TLS_FAILED, words)
-            else:
-                failure, detail = failure_of(exc)
-                conn._record_failure(failure, f"{detail} during the TLS handshake")
-            return False
-        return True
 
     async def _open_session(self, conn: Connection[F], hello: Hello) -> bool:
         if self._stopping.is_set() or conn.reason is not None:

@@ -37,6 +37,7 @@ class ClientConnection(StreamConnection[F, DisconnectReason]):
         Failure.CLOSED: DisconnectReason.CLOSED_BY_APP,
         Failure.TIMED_OUT: DisconnectReason.KEEPALIVE_TIMEOUT,
         Failure.BROKEN: DisconnectReason.RESET,
+        Failure.TLS: DisconnectReason.TLS_FAILED,
         # An application bug: the connector lets it propagate rather than retry forever.
         Failure.OTHER: None,
     }

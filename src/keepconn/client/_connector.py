@@ -20,7 +20,6 @@ import contextlib
 import errno
 import logging
 import random
-import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Generic, NoReturn, TypeVar
@@ -29,8 +28,6 @@ import anyio
 import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream
 
-from .._anyio.failures import TRANSPORT_ERRORS
-from .._anyio.tls import handshake_failure
 from .._core.errors import ConfigError
 from .._core.framing import Framer
 from .._core.heartbeat import Pinger
@@ -214,7 +211,9 @@ class Connector(Generic[F]):
             # One timeout for the handshake and the hello, as on the server: a server that
             # accepts and then says nothing must not hold a device, whichever step it stalls.
             with anyio.move_on_after(config.hello_timeout) as timer:
-                if self._tls is None or await self._handshake(conn, self._tls):
+                if self._tls is None or await conn._handshake(
+                    self._tls, server_side=False, hostname=self.config.server_hostname or self.host
+                ):
                     if self._hello is not None:
                         await self._guard(conn, self._hello)
             if timer.cancelled_caught:
@@ -234,25 +233,6 @@ class Connector(Generic[F]):
                 tasks.start_soon(self._guard, conn, self._ping_loop)
             await self._guard(conn, handler)
             conn._end(DisconnectReason.CLOSED_BY_APP)
-
-    async def _handshake(self, conn: ClientConnection[F], context: ssl.SSLContext) -> bool:
-        """The TLS handshake; False (the connection ended with its reason) if it failed."""
-        hostname = self.config.server_hostname or self.host
-        try:
-            await conn._start_tls(context, server_side=False, hostname=hostname)
-        except anyio.EndOfStream:
-            conn._end(DisconnectReason.SERVER_CLOSED, "during the TLS handshake")
-            return False
-        except TRANSPORT_ERRORS as exc:  # ssl.SSLError is an OSError
-            words = handshake_failure(exc)
-            if words is not None:
-                conn._end(DisconnectReason.TLS_FAILED, words)
-            else:
-                found = classify(exc)
-                reason, detail = found if found is not None else (DisconnectReason.RESET, "")
-                conn._end(reason, f"{detail} during the TLS handshake")
-            return False
-        return True
 
     async def _guard(self, conn: ClientConnection[F], callback: Callback[F]) -> None:
         """Run a callback; turn a connection failure into the connection's reason."""
