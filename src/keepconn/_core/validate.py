@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-__all__ = ["check_number", "number"]
+__all__ = ["check_number", "describe_number", "number"]
 
 
 def check_number(
@@ -37,6 +37,22 @@ def check_number(
         raise ConfigError(f"{field} must be in {lo}{minimum:g}, {top}{hi}, got {value!r}")
 
 
+def describe_number(
+    *,
+    minimum: float = 0.0,
+    maximum: float = math.inf,
+    min_inclusive: bool = False,
+    integer: bool = False,
+    optional: bool = False,
+) -> str:
+    """The allowed range in words, as the reference shows it: ``a number in (0, inf)``."""
+    lo = "[" if min_inclusive else "("
+    hi = "]" if math.isfinite(maximum) else ")"
+    top = f"{maximum:g}" if math.isfinite(maximum) else "inf"
+    kind = "a whole number" if integer else "a number"
+    return f"{kind} in {lo}{minimum:g}, {top}{hi}" + (", or None" if optional else "")
+
+
 def number(
     *,
     minimum: float = 0.0,
@@ -59,4 +75,12 @@ def number(
             integer=integer,
         )
 
+    # The docs' field tables read the range from here (docs/_ext/keepconn_reference.py).
+    validate.__doc__ = describe_number(
+        minimum=minimum,
+        maximum=maximum,
+        min_inclusive=min_inclusive,
+        integer=integer,
+        optional=optional,
+    )
     return validate

@@ -11,9 +11,13 @@ try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 except ImportError as exc:
     # Name the extra to install, rather than leave a bare "No module named" to puzzle over.
-    raise ImportError(
-        "keepconn.metrics needs prometheus_client: pip install 'keepconn[prometheus]'"
-    ) from exc
+    from .._core.errors import MissingExtra
+
+    raise MissingExtra(
+        "keepconn.metrics needs prometheus_client: pip install 'keepconn[prometheus]'",
+        extra="prometheus",
+        name="prometheus_client",
+    ) from None
 
 from .._anyio.probes import audit_forever, sample_lag_forever
 from .._anyio.server import Server

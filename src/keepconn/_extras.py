@@ -1,0 +1,60 @@
+"""Optional backends and integrations: which extra brings each, and one clear error without it.
+
+A user who picks ``--backend trio`` or imports :mod:`keepconn.metrics` without the package
+behind it should read one line naming the extra to install, not a traceback that ends in
+anyio's ``LookupError`` or a bare ``No module named``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from ._core.errors import ConfigError, MissingExtra
+
+__all__ = ["BACKENDS", "check_backend", "require"]
+
+#: Each event loop keepconn runs on -> (the module it needs, the extra that installs it);
+#: asyncio needs nothing beyond the standard library.
+BACKENDS: dict[str, tuple[str, str] | None] = {
+    "asyncio": None,
+    "uvloop": ("uvloop", "uvloop"),
+    "trio": ("trio", "trio"),
+}
+
+
+def require(module: str, extra: str, purpose: str) -> None:
+    """Raise :class:`MissingExtra` unless ``module`` can be imported.
+
+    ``purpose`` names what needs it (``"keepconn.metrics"``, ``"the trio backend"``).
+    """
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package missing, or a broken __spec__
+        found = False
+    if not found:
+        raise MissingExtra(
+            f"{purpose} needs {module}: pip install 'keepconn[{extra}]'", extra=extra, name=module
+        )
+
+
+def check_backend(name: str) -> None:
+    """Check that the event loop ``name`` (``"asyncio"``, ``"uvloop"`` or ``"trio"``) can run.
+
+    Call it before ``anyio.run(..., backend=...)`` so that a missing backend fails with one line:
+
+    >>> import keepconn
+    >>> keepconn.check_backend("asyncio")
+    >>> keepconn.check_backend("tokio")
+    Traceback (most recent call last):
+    ...
+    keepconn.ConfigError: unknown backend 'tokio': choose one of asyncio, uvloop, trio
+
+    :raises keepconn.ConfigError: ``name`` is not a backend keepconn runs on.
+    :raises keepconn.MissingExtra: the backend's package is not installed (the message names
+        the extra, e.g. ``pip install 'keepconn[trio]'``).
+    """
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    needed = BACKENDS[name]
+    if needed is not None:
+        require(needed[0], needed[1], f"the {name} backend")
