@@ -26,8 +26,8 @@ demo: setup
 	$(PY) examples/demo.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples docs/howto
-	$(VENV)/bin/ruff format --check src tests benchmarks examples docs/howto
+	$(VENV)/bin/ruff check src tests benchmarks examples docs/howto docs/conf.py docs/_ext
+	$(VENV)/bin/ruff format --check src tests benchmarks examples docs/howto docs/conf.py docs/_ext
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy --strict src

@@ -20,7 +20,9 @@ import keepconn
 
 def _load_extension(name: str) -> Any:
     # The site's own extension is loaded from its file: no sys.path edits (docs/design.md).
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "_ext" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parent / "_ext" / f"{name}.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -89,7 +91,10 @@ _projects = {
             "/usr/share/doc/python-attr-doc/html/objects.inv",
         ],
     ),
-    "anyio": ("https://anyio.readthedocs.io/en/stable", [str(_here / "_inventories" / "anyio.inv")]),
+    "anyio": (
+        "https://anyio.readthedocs.io/en/stable",
+        [str(_here / "_inventories" / "anyio.inv")],
+    ),
     "trio": ("https://trio.readthedocs.io/en/stable", [str(_here / "_inventories" / "trio.inv")]),
 }
 _online = os.environ.get("KEEPCONN_DOCS_ONLINE") == "1"

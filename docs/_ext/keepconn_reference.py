@@ -74,7 +74,11 @@ def entry(namespace: str, name: str, value: Any) -> list[str]:
     if kind == "Data":
         return data_entry(namespace, name, value)
     directive = "autoexception" if kind == "Exceptions" else "autoclass"
-    lines = [f".. auto{directive[4:]}:: {namespace}.{name}", "   :members:", "   :show-inheritance:"]
+    lines = [
+        f".. auto{directive[4:]}:: {namespace}.{name}",
+        "   :members:",
+        "   :show-inheritance:",
+    ]
     if isinstance(value, enum.EnumMeta):
         lines.append("   :undoc-members:")
     return lines + [""]
@@ -170,7 +174,9 @@ def fields_table(cls: type) -> list[str]:
         rule = allowed(field.validator)
         validated = validated or bool(rule)
         kind = field.type if isinstance(field.type, str) else getattr(field.type, "__name__", "")
-        rows.append((f"``{field.name}``", f"``{kind}``" if kind else "", default_of(field), rule, comment))
+        rows.append(
+            (f"``{field.name}``", f"``{kind}``" if kind else "", default_of(field), rule, comment)
+        )
     if not rows:
         return []
     lines = ["", ".. list-table:: Fields", "   :header-rows: 1", "   :widths: 15 15 12 18 40", ""]
@@ -187,9 +193,7 @@ def fields_table(cls: type) -> list[str]:
     return lines + [""]
 
 
-def add_fields(
-    app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]
-) -> None:
+def add_fields(app: Sphinx, what: str, name: str, obj: Any, options: Any, lines: list[str]) -> None:
     """``autodoc-process-docstring``: append the fields table to an attrs class's docstring."""
     if what in ("class", "exception") and inspect.isclass(obj) and attrs.has(obj):
         lines.extend(fields_table(obj))
