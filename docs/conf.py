@@ -59,6 +59,14 @@ autodoc_inherit_docstrings = True
 
 # The doctest builder runs every `>>>` example of the reference's docstrings and of the pages.
 doctest_test_doctest_blocks = "default"
+# Docstring examples run as if in the namespace that exports them; the namespace's names are
+# there, as they would be for a user who imported them.
+doctest_global_setup = """
+import keepconn
+from keepconn import *
+from keepconn.tcp import *
+from keepconn.client import *
+"""
 
 
 def _inventory(candidates: list[str]) -> str | None:

@@ -101,7 +101,7 @@ def data_entry(namespace: str, name: str, value: Any) -> list[str]:
                 comment = [line for line in found if line.strip() or comment]
                 break
     shown = repr(value)
-    lines = [f".. py:data:: {namespace}.{name}"]
+    lines = [f".. py:data:: {name}", f"   :module: {namespace}"]
     if len(shown) <= 120:
         lines.append(f"   :value: {shown}")
     lines.append("")

@@ -69,8 +69,12 @@ class Server(Generic[F]):
         TLS it is called only for refusals after the handshake (``stream`` is then the TLS
         stream): one refused at accept time is closed without a word, since saying it would
         take the handshake that admission control is there to spare.
+    :param config: the server's settings (:class:`ServerConfig`; its defaults when None).
     :param on_event: called with every ServerEvent (keep it quick; it runs inline). More
         listeners can attach later with :meth:`add_listener`.
+    :param rng: the random source of every jitter (shutdown hints, maximum age); pass
+        ``random.Random(seed)`` to replay a run.
+    :raises keepconn.ConfigError: ``config.heartbeat`` is set without a ``send_ping``.
     """
 
     def __init__(

@@ -43,6 +43,7 @@ def jitter(value: float, fraction: float = 0.1, rng: random.Random | None = None
 
 
 def _strategy(instance: object, attribute: attrs.Attribute[str], value: object) -> None:
+    """one of ``'full'``, ``'proportional'``"""
     if value not in ("full", "proportional"):
         raise ConfigError(f"{attribute.name} must be 'full' or 'proportional', got {value!r}")
 
@@ -60,6 +61,18 @@ class Backoff:
     device takes at the same moment.
 
     Every delay lies in [0, max_delay], with or without a server's retry-after hint.
+
+    >>> import random
+    >>> policy = Backoff(initial=1.0, multiplier=2.0, max_delay=10.0)
+    >>> [policy.ceiling(attempt) for attempt in range(5)]
+    [1.0, 2.0, 4.0, 8.0, 10.0]
+    >>> delays = policy.delays(random.Random(7))
+    >>> all(0 <= next(delays) <= 10.0 for _ in range(20))
+    True
+    >>> Backoff(initial=5.0, max_delay=1.0)
+    Traceback (most recent call last):
+    ...
+    keepconn.ConfigError: max_delay must be >= initial (5), got 1.0
     """
 
     #: The first ceiling, in seconds.

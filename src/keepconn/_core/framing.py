@@ -44,7 +44,25 @@ class Framer(Protocol[F_co]):
 
 class LineFramer:
     """Newline-terminated frames (``\\n``; a preceding ``\\r`` is stripped), at most
-    ``max_length`` bytes each, so a peer cannot make the server buffer without bound."""
+    ``max_length`` bytes each, so a peer cannot make the server buffer without bound.
+
+    :param max_length: the longest line, in bytes, a whole number in (0, inf).
+    :raises keepconn.ConfigError: ``max_length`` is out of range.
+
+    :meth:`feed` raises :class:`~keepconn.ProtocolError` for a longer line, carrying the lines
+    completed before it in the same input:
+
+    >>> framer = LineFramer(max_length=8)
+    >>> framer.feed(b"PING\\r\\nhel")
+    [b'PING']
+    >>> framer.feed(b"lo\\n")
+    [b'hello']
+    >>> try:
+    ...     framer.feed(b"ok\\n" + b"x" * 20)
+    ... except ProtocolError as exc:
+    ...     print(exc, exc.frames)
+    line longer than 8 bytes (b'ok',)
+    """
 
     __slots__ = ("_buffer", "_max")
 

@@ -118,14 +118,28 @@ class RegistryStats:
 class SessionRegistry:
     """Tracks every peer's last-seen time and reaps expired sessions on time.
 
-    :param timeout: default idle timeout in seconds, for sessions opened without their own.
+    :param timeout: default idle timeout in seconds, for sessions opened without their own;
+        a number in (0, inf).
     :param resolution: reaping granularity in seconds: a session is reaped no earlier than its
         deadline and no later than deadline + resolution, provided :meth:`reap` is called at
-        least every ``resolution`` (or at :meth:`next_deadline`). Defaults to
-        ``min(1.0, timeout / 10)``.
+        least every ``resolution`` (or at :meth:`next_deadline`). A number in (0, timeout];
+        defaults to ``min(1.0, timeout / 10)``.
+    :raises keepconn.ConfigError: ``timeout`` or ``resolution`` is out of range.
 
     Exactly one session per key is live at a time. Times are monotonic seconds supplied by the
     caller; they must not go backwards.
+
+    >>> registry = SessionRegistry(timeout=30.0, resolution=1.0)
+    >>> session = registry.open("device-1", now=0.0)
+    >>> session.touch(10.0)
+    >>> session.deadline
+    40.0
+    >>> registry.reap(40.5)
+    [<Session 'device-1' IDLE_TIMEOUT deadline=40.000>]
+    >>> SessionRegistry(timeout=0)
+    Traceback (most recent call last):
+    ...
+    keepconn.ConfigError: timeout must be in (0, inf), got 0
     """
 
     __slots__ = (

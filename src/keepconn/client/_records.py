@@ -50,6 +50,7 @@ class DisconnectReason(enum.Enum):
 
 
 def _check_tls(instance: object, attribute: Any, value: Any) -> None:
+    """True, False or a client-side ssl.SSLContext"""
     if not isinstance(value, (bool, ssl.SSLContext)):
         raise ConfigError(f"tls must be True, False or an ssl.SSLContext, got {value!r}")
     if isinstance(value, ssl.SSLContext) and value.protocol == ssl.PROTOCOL_TLS_SERVER:
@@ -57,6 +58,7 @@ def _check_tls(instance: object, attribute: Any, value: Any) -> None:
 
 
 def _check_hostname(instance: object, attribute: Any, value: Any) -> None:
+    """a non-empty host name, or None"""
     if value is not None and (not isinstance(value, str) or not value):
         raise ConfigError(f"server_hostname must be a host name or None, got {value!r}")
 

@@ -93,6 +93,7 @@ def socket_of(obj: object) -> SocketLike:
 
 
 def _check_user_timeout(instance: object, attribute: Any, value: Any) -> None:
+    """a whole number of milliseconds in [0, 2147483647], None or ``'auto'``"""
     if value is None or value == "auto":
         return
     if isinstance(value, str):
@@ -153,7 +154,18 @@ class TcpKeepalive:
     sockets refuse to die"), so both failure modes end at the same time. None leaves it unset.
 
     Values are checked when the object is built: idle and interval 1..32767 s, count 1..127,
-    user_timeout a whole number of milliseconds >= 0, None or "auto".
+    user_timeout a whole number of milliseconds >= 0, None or "auto"; a bad one raises
+    :class:`~keepconn.ConfigError`.
+
+    >>> import socket
+    >>> ka = TcpKeepalive(idle=60, interval=10, count=6)
+    >>> ka.user_timeout_ms, ka.detection_bound()
+    (119999, 120.0)
+    >>> with socket.socket() as sock:
+    ...     applied = ka.apply(sock)
+    ...     reading = TcpKeepalive.read(sock)
+    >>> reading.enabled, reading.idle, reading.interval
+    (True, 60, 10)
     """
 
     idle: int = attrs.field(
