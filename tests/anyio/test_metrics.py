@@ -308,7 +308,7 @@ def test_without_prometheus_client_the_import_error_names_the_extra() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError: ") and "keepconn[prometheus]" in last, last
+    assert last.startswith("keepconn.MissingExtra: ") and "keepconn[prometheus]" in last, last
 
 
 @pytest.mark.anyio

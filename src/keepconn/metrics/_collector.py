@@ -9,7 +9,7 @@ from typing import Any, NoReturn, get_args
 try:
     from prometheus_client import REGISTRY, CollectorRegistry, Histogram
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-except ImportError as exc:
+except ImportError:
     # Name the extra to install, rather than leave a bare "No module named" to puzzle over.
     from .._core.errors import MissingExtra
 
