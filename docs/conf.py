@@ -53,8 +53,9 @@ myst_enable_extensions = ["colon_fence"]
 myst_heading_anchors = 3
 
 autodoc_member_order = "bysource"
-autodoc_typehints = "description"
-autodoc_class_signature = "separated"
+# Types in the signatures: a class's fields table (or its :param: list) says what each means.
+autodoc_typehints = "signature"
+autodoc_class_signature = "mixed"
 autodoc_inherit_docstrings = True
 
 # The doctest builder runs every `>>>` example of the reference's docstrings and of the pages.

@@ -48,6 +48,7 @@ class NamespaceDirective(SphinxDirective):
     def run(self) -> list[nodes.Node]:
         name = self.arguments[0]
         module = importlib.import_module(name)
+        adopt_comments(module)
         groups: dict[str, list[str]] = {kind: [] for kind in KINDS}
         for public in module.__all__:
             groups[kind_of(getattr(module, public))].append(public)
@@ -107,6 +108,42 @@ def data_entry(namespace: str, name: str, value: Any) -> list[str]:
     lines.append("")
     lines += [f"   {line}" if line.strip() else "" for line in comment]
     return lines + [""]
+
+
+def adopt_comments(module: types.ModuleType) -> None:
+    """Teach autodoc's source analyzer of a public namespace the ``#:`` comments of its names.
+
+    autodoc reads attribute comments (an enum member's, a NamedTuple field's, a property's
+    neighbours) from the module a class names as its ``__module__``: the public namespace
+    (keepconn._public.claim), whose source holds only imports. Its analyzer gets the comments,
+    annotations and source order of each exported class from the private module defining it.
+    """
+    public = ModuleAnalyzer.for_module(module.__name__)
+    public.analyze()
+    for name in module.__all__:
+        value = getattr(module, name)
+        if not inspect.isclass(value):
+            continue
+        source = defining_module(value)
+        if source is None:
+            continue
+        private = ModuleAnalyzer.for_module(source)
+        private.analyze()
+        prefix = value.__qualname__
+        # An attrs field's comment is in its class's fields table; adopted, it would come back
+        # as a member of its own.
+        in_table = set(attrs.fields_dict(value)) if attrs.has(value) else set()
+        for key, comment in private.attr_docs.items():
+            if key[0] == prefix and key[1] in in_table:
+                continue
+            if key[0] == prefix or key[0].startswith(prefix + "."):
+                public.attr_docs.setdefault(key, comment)
+        for key, annotation in private.annotations.items():
+            if key[0] == prefix or key[0].startswith(prefix + "."):
+                public.annotations.setdefault(key, annotation)
+        for tag, order in private.tagorder.items():
+            if tag == prefix or tag.startswith(prefix + "."):
+                public.tagorder.setdefault(tag, order)
 
 
 def defining_module(cls: type) -> str | None:

@@ -35,9 +35,13 @@ class CensusRow(NamedTuple):
 
     #: 4 or 6.
     family: int
+    #: The socket's own address (the server's, for a server-side socket), as text.
     local_address: str
+    #: The socket's own port.
     local_port: int
+    #: The peer's address ("0.0.0.0" or "::" for a listener).
     remote_address: str
+    #: The peer's port (0 for a listener).
     remote_port: int
     #: Kernel state name: "ESTABLISHED", "CLOSE_WAIT", "LISTEN", ...
     state: str
@@ -51,6 +55,7 @@ class CensusRow(NamedTuple):
     timer_expires: float
     #: Unanswered retransmissions or probes.
     retransmits: int
+    #: The user id that owns the socket.
     uid: int
     #: Socket inode (0 for sockets no process owns, such as TIME_WAIT).
     inode: int
