@@ -205,8 +205,8 @@ def fields_table(cls: type) -> list[str]:
     rows = []
     validated = False
     for field in attrs.fields(cls):
-        if not field.init:
-            continue
+        if not field.init or field.name.startswith("_"):
+            continue  # private state, set through the constructor's other arguments
         comment = " ".join(line.strip() for line in docs.get((cls.__qualname__, field.name), []))
         rule = allowed(field.validator)
         validated = validated or bool(rule)

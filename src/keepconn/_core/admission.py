@@ -64,7 +64,9 @@ class TokenBucket:
     A clock stepping back never grants extra tokens; it only delays the next ones.
     """
 
+    #: Tokens added per second.
     rate: float = attrs.field(validator=number())
+    #: The most tokens the bucket holds (and grants at once after a quiet spell).
     burst: int = attrs.field(validator=number(minimum=1, min_inclusive=True, integer=True))
     # The bucket is full again at _anchor + _taken / rate; (-inf, 0) means "full at any time".
     _anchor: float = attrs.field(default=-math.inf, init=False, repr=False)

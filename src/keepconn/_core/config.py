@@ -28,7 +28,10 @@ class Hello:
     1.5 x the client's keepalive).
     """
 
+    #: Who the peer is: the key of its session (a device id). A second authenticated hello
+    #: with the same identity takes the session over.
     identity: Hashable
+    #: This session's idle timeout in seconds (None: ``ServerConfig.idle_timeout``).
     timeout: float | None = attrs.field(default=None, validator=number(optional=True))
     #: Bytes sent once the session is open (an MQTT CONNACK 0, say). Sending the welcome here
     #: rather than inside identify means a peer is never welcomed and then refused.
@@ -62,11 +65,13 @@ class ServerConfig:
     shutdown_grace: float = attrs.field(default=5.0, validator=number(min_inclusive=True))
     #: The reconnect hint given to peers on shutdown, jittered by +/- shutdown_jitter.
     shutdown_retry_after: float = attrs.field(default=5.0, validator=number(min_inclusive=True))
+    #: Relative spread (+/-) of the shutdown hint, so a fleet does not come back at once.
     shutdown_jitter: float = attrs.field(
         default=0.1, validator=number(min_inclusive=True, maximum=1.0)
     )
     #: Maximum connection age in seconds (closed with MAX_AGE, jittered by max_age_jitter).
     max_age: float | None = attrs.field(default=None, validator=number(optional=True))
+    #: Relative spread (+/-) of max_age, so connections opened together do not all end together.
     max_age_jitter: float = attrs.field(
         default=0.1, validator=number(min_inclusive=True, maximum=1.0)
     )
@@ -76,6 +81,7 @@ class ServerConfig:
     timeout_close: str = attrs.field(
         default="abort", validator=attrs.validators.in_(("abort", "graceful"))
     )
+    #: Seconds a "graceful" timeout close keeps reading after its FIN, before the abort.
     close_grace: float = attrs.field(default=2.0, validator=number())
     #: Admission control (None: admit everything). See AdmissionConfig for the defaults.
     admission: AdmissionConfig | None = attrs.field(factory=AdmissionConfig)

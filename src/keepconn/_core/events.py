@@ -28,8 +28,11 @@ __all__ = [
 class ConnectionOpened:
     """A hello succeeded and a session is live."""
 
+    #: The identity the hello returned (``Hello.identity``).
     identity: Hashable
+    #: The peer's address, as the socket reports it (``(host, port)`` for TCP).
     peer: Any
+    #: True when the session replaced a live one of the same identity (TAKEN_OVER).
     took_over: bool
 
 
@@ -37,10 +40,15 @@ class ConnectionOpened:
 class ConnectionClosed:
     """A connection ended. ``identity`` is None when it never completed its hello."""
 
+    #: The session's identity, or None for a connection that never completed its hello.
     identity: Hashable | None
+    #: The peer's address, as the socket reports it.
     peer: Any
+    #: Why it ended: exactly one reason per connection, the first one given.
     reason: CloseReason
+    #: Seconds from accept to close.
     duration: float
+    #: Free text for logs (the exception, the TLS alert), not for matching on.
     detail: str = ""
 
 
@@ -48,8 +56,11 @@ class ConnectionClosed:
 class SessionTakenOver:
     """A newer authenticated connection replaced a live one for the same identity."""
 
+    #: The identity both connections authenticated as.
     identity: Hashable
+    #: The address of the connection that was closed with TAKEN_OVER.
     old_peer: Any
+    #: The address of the connection that now holds the session.
     new_peer: Any
 
 
@@ -57,7 +68,9 @@ class SessionTakenOver:
 class RoundTrip:
     """A server ping was answered after ``rtt`` seconds."""
 
+    #: The session's identity.
     identity: Hashable
+    #: Seconds from the ping's send to its answer.
     rtt: float
 
 
@@ -71,8 +84,11 @@ class SessionReaped:
     reap resolution. With ``timeout_close="graceful"`` the socket closes ``close_grace`` later.
     """
 
+    #: The reaped session's identity.
     identity: Hashable
+    #: The peer's address.
     peer: Any
+    #: Seconds after the session's deadline that the reaper got to it (>= 0).
     lateness: float
 
 

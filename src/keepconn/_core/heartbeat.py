@@ -37,10 +37,18 @@ class ActiveHeartbeat:
     ``misses`` consecutive misses are tolerated; one more closes the connection with
     HEARTBEAT_TIMEOUT. The worst-case detection time of a dead peer is therefore
     ``(misses + 1) * interval + timeout`` after its last answer (see :attr:`detection_bound`).
+
+    :raises keepconn.ConfigError: a field is out of range, or ``timeout`` exceeds ``interval``.
+
+    >>> ActiveHeartbeat(interval=10, timeout=5, misses=1).detection_bound
+    25
     """
 
+    #: Seconds between the starts of two server pings.
     interval: float = attrs.field(validator=number())
+    #: Seconds a ping may wait for its answer before it counts as a miss (<= interval).
     timeout: float = attrs.field(validator=number())
+    #: Consecutive misses tolerated; the next one closes with HEARTBEAT_TIMEOUT.
     misses: int = attrs.field(default=0, validator=number(min_inclusive=True, integer=True))
 
     def __attrs_post_init__(self) -> None:
@@ -64,7 +72,9 @@ class PingRateLimit:
     """Peers may ping at most once every ``min_interval`` s; ``max_strikes`` violations in a row
     are tolerated and the next closes the connection with TOO_MANY_PINGS."""
 
+    #: The shortest time, in seconds, allowed between two of the peer's pings.
     min_interval: float = attrs.field(validator=number())
+    #: Too-early pings in a row that are tolerated.
     max_strikes: int = attrs.field(default=2, validator=number(min_inclusive=True, integer=True))
 
 

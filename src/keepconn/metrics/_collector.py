@@ -362,5 +362,12 @@ def instrument(
     namespace: str = "keepconn",
 ) -> ServerCollector:
     """Collect ``server``'s metrics on ``registry`` (prometheus_client's default one unless
-    given) and return the :class:`ServerCollector`, for its probes and its ``close()``."""
+    given) and return the :class:`ServerCollector`, for its probes and its ``close()``.
+
+    :param server: the :class:`keepconn.Server` to observe (serving or not yet).
+    :param registry: the prometheus_client registry to register on.
+    :param namespace: the prefix of every metric name (``keepconn_sessions``, ...).
+    :raises ValueError: from prometheus_client, when ``registry`` already holds metrics of
+        those names (two servers on one registry need two namespaces).
+    """
     return ServerCollector(server, namespace=namespace, registry=registry)

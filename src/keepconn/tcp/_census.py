@@ -65,8 +65,11 @@ class CensusRow(NamedTuple):
 class Census:
     """The result of :func:`census`: ``counts`` by state name and the ``sockets`` themselves."""
 
+    #: State name -> how many sockets are in it (states with none are absent).
     counts: Mapping[str, int]
+    #: Every socket listed, one row each.
     sockets: tuple[CensusRow, ...]
+    #: The port asked for (None: every socket).
     port: int | None = None
 
     def count(self, state: str) -> int:
@@ -83,6 +86,24 @@ def census(port: int | None = None, *, pid: int | None = None, proc: str = "/pro
     Reads /proc/net/tcp and /proc/net/tcp6 (or those of process ``pid``, which may sit in
     another network namespace). A file that does not exist (no IPv6, not Linux) is skipped; if
     neither exists, FileNotFoundError is raised, since an empty census would be a lie.
+
+    :param port: the local port to list (a server's port lists its listener and every
+        server-side connection, not its clients' own sockets); None for every socket.
+    :param pid: read the table of this process's network namespace instead of ours.
+    :param proc: where procfs is mounted.
+    :raises FileNotFoundError: neither table exists (not Linux, or no procfs).
+
+    >>> import socket
+    >>> listener = socket.create_server(("127.0.0.1", 0))
+    >>> port = listener.getsockname()[1]
+    >>> client = socket.create_connection(("127.0.0.1", port))
+    >>> served, _ = listener.accept()
+    >>> census(port).counts                  # the client's own socket has another local port
+    {'LISTEN': 1, 'ESTABLISHED': 1}
+    >>> client.close()                       # the peer's FIN, not yet answered:
+    >>> census(port).count("CLOSE_WAIT")
+    1
+    >>> served.close(); listener.close()
     """
     base = f"{proc}/net" if pid is None else f"{proc}/{pid}/net"
     rows: list[CensusRow] = []

@@ -284,6 +284,11 @@ def classify(info: TcpInfo, *, silence: float = 1.0, min_retransmits: int = 2) -
     * CLOSED: the socket is not ESTABLISHED.
     * ALIVE otherwise (an idle connection with nothing outstanding is alive as far as TCP
       knows; only keepalive or a heartbeat can say more).
+
+    :param info: a snapshot from :func:`tcp_info`.
+    :param silence: seconds since the peer's last ACK before it may be suspected dead.
+    :param min_retransmits: retransmissions (or unanswered probes) in a row that count as the
+        peer not answering.
     """
     if info.state_code != TcpState.ESTABLISHED:
         return Liveness.CLOSED

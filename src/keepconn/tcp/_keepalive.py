@@ -116,7 +116,9 @@ class AppliedKeepalive:
     ``unsupported`` names the options this platform could not take.
     """
 
+    #: Option name -> the value set.
     applied: Mapping[str, int]
+    #: The options this platform lacks.
     unsupported: tuple[str, ...] = ()
 
     @property
@@ -134,10 +136,15 @@ class KeepaliveReading:
     ``user_timeout`` is in milliseconds; 0 means "not set" (the kernel's retry counts rule).
     """
 
+    #: SO_KEEPALIVE.
     enabled: bool
+    #: TCP_KEEPIDLE, seconds.
     idle: int | None
+    #: TCP_KEEPINTVL, seconds.
     interval: int | None
+    #: TCP_KEEPCNT.
     count: int | None
+    #: TCP_USER_TIMEOUT, milliseconds (0: not set).
     user_timeout: int | None
 
 
@@ -168,15 +175,19 @@ class TcpKeepalive:
     (True, 60, 10)
     """
 
+    #: Seconds without anything received before the first probe (TCP_KEEPIDLE).
     idle: int = attrs.field(
         validator=number(minimum=1, maximum=MAX_IDLE, min_inclusive=True, integer=True)
     )
+    #: Seconds between unanswered probes (TCP_KEEPINTVL).
     interval: int = attrs.field(
         validator=number(minimum=1, maximum=MAX_IDLE, min_inclusive=True, integer=True)
     )
+    #: Unanswered probes before the kernel gives up (TCP_KEEPCNT).
     count: int = attrs.field(
         validator=number(minimum=1, maximum=MAX_COUNT, min_inclusive=True, integer=True)
     )
+    #: TCP_USER_TIMEOUT in milliseconds, "auto" (just below the keepalive bound) or None.
     user_timeout: UserTimeout = attrs.field(default="auto", validator=_check_user_timeout)
 
     @property
