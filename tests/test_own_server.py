@@ -3,7 +3,8 @@
 Each runs as its own process, as a user would run it; the test is its clients, over real
 sockets on loopback (websockets' own client for the websockets server). For each server:
 a second hello takes a device's session over, a silent device is reaped with IDLE_TIMEOUT
-(never before its timeout), and a peer's FIN leaves no CLOSE_WAIT socket in the kernel's table.
+(never before its timeout), both are reset (not sent a FIN), and a peer's FIN is answered with
+the server's own and leaves no CLOSE_WAIT socket in the kernel's table.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class Program:
 
 
 class Client(Protocol):
+    #: How the server ended the connection, once it has: "reset" or "fin".
+    ended_by: str | None
+
     def say(self, text: str) -> None: ...
     def hear(self) -> str | None: ...
     def fin(self) -> None: ...
@@ -89,6 +93,7 @@ class LineClient:
     def __init__(self, port: int) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=slack(5))
         self.buffer = b""
+        self.ended_by: str | None = None
 
     def say(self, text: str) -> None:
         self.sock.sendall(text.encode() + b"\n")
@@ -99,8 +104,10 @@ class LineClient:
             try:
                 data = self.sock.recv(4096)
             except ConnectionResetError:
+                self.ended_by = "reset"
                 return None
             if not data:
+                self.ended_by = "fin"
                 return None
             self.buffer += data
         line, _, self.buffer = self.buffer.partition(b"\n")
@@ -120,6 +127,7 @@ class WsClient:
     """A device of the same protocol over websockets (its own sync client)."""
 
     def __init__(self, port: int) -> None:
+        self.ended_by: str | None = None
         self.stack = contextlib.ExitStack()
         self.ws: ClientConnection = self.stack.enter_context(
             connect(f"ws://127.0.0.1:{port}", open_timeout=slack(5), close_timeout=1)
@@ -131,7 +139,12 @@ class WsClient:
     def hear(self) -> str | None:
         try:
             return str(self.ws.recv(timeout=slack(5)))
-        except ConnectionClosed:
+        except ConnectionClosed as exc:
+            # No close frame either way; the cause tells a reset from a bare FIN (EOF).
+            if isinstance(exc.__cause__, ConnectionResetError):
+                self.ended_by = "reset"
+            elif isinstance(exc.__cause__, EOFError):
+                self.ended_by = "fin"
             return None
 
     def fin(self) -> None:
@@ -186,6 +199,7 @@ def test_takeover_reaping_and_no_close_wait(program: Program) -> None:
         clients.append(second)
         program.expect("closed dev-1 TAKEN_OVER", within=slack(5))
         assert first.hear() is None
+        assert first.ended_by == "reset"  # a displaced peer is reset, not sent a FIN
         second.say("PING")
         sent = time.monotonic()
         assert second.hear() == "PONG"
@@ -194,6 +208,7 @@ def test_takeover_reaping_and_no_close_wait(program: Program) -> None:
         reaped, _ = program.expect("closed dev-1 IDLE_TIMEOUT", within=IDLE + slack(5))
         assert reaped - sent >= IDLE
         assert second.hear() is None
+        assert second.ended_by == "reset"  # so is a dead one
 
         # The peer's FIN: the session ends with PEER_CLOSED and the server closes its side.
         third = hello(program, "dev-2")
@@ -201,7 +216,8 @@ def test_takeover_reaping_and_no_close_wait(program: Program) -> None:
         port = third.local_port()
         third.fin()
         program.expect("closed dev-2 PEER_CLOSED", within=slack(5))
-        assert third.hear() is None  # the server's FIN came back
+        assert third.hear() is None
+        assert third.ended_by == "fin"  # a live peer that left gets a FIN back
         deadline = time.monotonic() + slack(5)
         while True:  # the kernel's table, until the server's side has left CLOSE_WAIT
             rows = [row for row in census(program.port).sockets if row.remote_port == port]

@@ -21,12 +21,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import socket
+import struct
 
 from keepconn import CloseReason, Session, SessionRegistry
 from keepconn.tcp import TcpKeepalive
 
 KEEPALIVE = TcpKeepalive(idle=10, interval=5, count=3)
 HELLO_TIMEOUT = 5.0
+
+
+def reset(transport: asyncio.BaseTransport) -> None:
+    """Close with a RST. ``abort()`` alone drops the buffers but still sends a FIN, which the
+    kernel would retransmit to a dead or displaced peer for minutes (FIN_WAIT1)."""
+    sock = transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()
 
 
 class DeviceServer:
@@ -51,7 +61,7 @@ class DeviceServer:
             displaced = self.registry.get(parts[1].decode())
             session = self.registry.open(parts[1].decode(), now=self.loop.time(), conn=writer)
             if displaced is not None:  # the device came back: its old connection is dead
-                displaced.conn.transport.abort()  # RST: no FIN_WAIT retries towards a ghost
+                reset(displaced.conn.transport)
                 self.closed(displaced)
             writer.write(b"WELCOME\n")
             while True:
@@ -87,7 +97,7 @@ class DeviceServer:
             now = self.loop.time()
             await asyncio.sleep(step if due is None else min(max(due - now, 0.0), step))
             for session in self.registry.reap(self.loop.time(), limit=1000):
-                session.conn.transport.abort()  # a dead peer gets a RST, not a FIN
+                reset(session.conn.transport)  # a dead peer gets a RST, not a FIN
                 self.closed(session)
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import socket
+import struct
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
@@ -30,6 +32,14 @@ from keepconn.tcp import TcpKeepalive
 
 KEEPALIVE = TcpKeepalive(idle=10, interval=5, count=3)
 HELLO_TIMEOUT = 5.0
+
+
+def reset(ws: ServerConnection) -> None:
+    """Close with a RST: no closing handshake, and no FIN for the kernel to retransmit to a
+    dead or displaced peer (``transport.abort()`` alone still sends a FIN)."""
+    sock = ws.transport.get_extra_info("socket")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    ws.transport.abort()
 
 
 class DeviceServer:
@@ -61,7 +71,7 @@ class DeviceServer:
         displaced = self.registry.get(parts[1])
         session = self.registry.open(parts[1], now=self.loop.time(), conn=ws)
         if displaced is not None:  # the device came back: its old connection is dead
-            displaced.conn.transport.abort()  # RST, no closing handshake with a ghost
+            reset(displaced.conn)
             self.closed(displaced)
         try:
             await ws.send("WELCOME")
@@ -86,7 +96,7 @@ class DeviceServer:
             now = self.loop.time()
             await asyncio.sleep(step if due is None else min(max(due - now, 0.0), step))
             for session in self.registry.reap(self.loop.time(), limit=1000):
-                session.conn.transport.abort()  # a dead peer gets a RST, not a closing handshake
+                reset(session.conn)  # a dead peer gets a RST, not a closing handshake
                 self.closed(session)
 
 
