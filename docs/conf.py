@@ -33,7 +33,7 @@ _reference = _load_extension("keepconn_reference")
 
 project = "keepconn"
 author = "the keepconn authors"
-copyright = "the keepconn authors"  # noqa: A001 - Sphinx's name
+copyright = "the keepconn authors"
 release = keepconn.__version__
 version = release
 

@@ -82,7 +82,30 @@ def entry(namespace: str, name: str, value: Any) -> list[str]:
     ]
     if isinstance(value, enum.EnumMeta):
         lines.append("   :undoc-members:")
+    if any(is_private(base) for base in value.__mro__[1:]):
+        # What a private base defines (Connection.receive, say) is part of the public class.
+        lines.append("   :inherited-members:")
     return lines + [""]
+
+
+def is_private(cls: type) -> bool:
+    """A keepconn class no public namespace exports: its module is private, and unclaimed."""
+    module = getattr(cls, "__module__", "") or ""
+    return module.startswith("keepconn.") and any(
+        part.startswith("_") for part in module.split(".")
+    )
+
+
+def public_bases(app: Sphinx, name: str, obj: Any, options: Any, bases: list[Any]) -> None:
+    """``autodoc-process-bases``: name a private base's own bases instead of the private class."""
+    shown: list[Any] = []
+    for base in bases:
+        origin = getattr(base, "__origin__", base)  # StreamConnection[F, CloseReason]
+        if inspect.isclass(origin) and is_private(origin):
+            shown += [b for b in origin.__bases__ if b not in (object,) and b not in shown]
+        else:
+            shown.append(base)
+    bases[:] = [base for base in shown if getattr(base, "__name__", "") != "Generic"] or [object]
 
 
 def data_entry(namespace: str, name: str, value: Any) -> list[str]:
@@ -251,4 +274,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.add_directive("keepconn-namespace", NamespaceDirective)
     app.connect("autodoc-process-docstring", add_fields)
     app.connect("autodoc-skip-member", skip_fields)
+    app.connect("autodoc-process-bases", public_bases)
     return {"parallel_read_safe": True, "parallel_write_safe": True}
