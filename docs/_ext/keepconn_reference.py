@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
+import re
 import sys
 import types
 from typing import Any
@@ -269,10 +270,32 @@ def skip_fields(
     return None
 
 
+def factory_defaults(
+    app: Sphinx,
+    what: str,
+    name: str,
+    obj: Any,
+    options: Any,
+    signature: str | None,
+    return_annotation: str | None,
+) -> tuple[str | None, str | None] | None:
+    """``autodoc-process-signature``: ``admission=AdmissionConfig()``, not attrs' ``NOTHING``."""
+    if signature is None or not (inspect.isclass(obj) and attrs.has(obj)):
+        return None
+    for field in attrs.fields(obj):
+        if isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
+            made = default_of(field).strip("`")
+            signature = re.sub(
+                rf"(\b{field.alias or field.name}\b[^,=]*= )NOTHING", rf"\g<1>{made}", signature
+            )
+    return signature, return_annotation
+
+
 def setup(app: Sphinx) -> dict[str, Any]:
     """Register the directive and the attrs hooks."""
     app.add_directive("keepconn-namespace", NamespaceDirective)
     app.connect("autodoc-process-docstring", add_fields)
     app.connect("autodoc-skip-member", skip_fields)
     app.connect("autodoc-process-bases", public_bases)
+    app.connect("autodoc-process-signature", factory_defaults)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -140,6 +140,13 @@ class NetNs:
     inside the namespace. Use :meth:`device_socket` / :meth:`connect` to make device sockets inside
     it, :meth:`cable_pull`, :meth:`blackhole` and :meth:`restore` to inject faults, and
     :meth:`close` (or ``with``) to delete everything.
+
+    Building one needs Linux, root and iproute2; every name it makes carries this process's
+    pid, so :func:`cleanup_stale` can remove what a killed run left behind.
+
+    :raises keepconn.testing.NetnsError: namespaces cannot be built here (the message says
+        why, as :func:`netns_unavailable_reason` does), or an ``ip`` command failed; whatever
+        was built by then is removed first.
     """
 
     def __init__(self) -> None:
@@ -148,11 +155,16 @@ class NetNs:
             raise NetnsError(reason)
         pid = os.getpid()
         n = next(_counter)
+        #: The namespace's name (``ip netns``), unique to this process.
         self.name = f"{_PREFIX}{pid}-{n}"
         # Interface names are limited to 15 bytes: "kc" + pid (<= 7 digits) + h/d + counter.
+        #: The veth end in the root namespace.
         self.host_if = f"kc{pid}h{n}"
+        #: The veth end inside the namespace.
         self.dev_if = f"kc{pid}d{n}"
+        #: The root-namespace end's IPv4 address: bind the server under test here.
         self.host_addr = ""
+        #: The device end's IPv4 address, inside the namespace.
         self.dev_addr = ""
         #: How the last :meth:`blackhole` was made: "netem" or "neighbour".
         self.blackhole_method: str | None = None
