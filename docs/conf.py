@@ -57,6 +57,8 @@ autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
 autodoc_class_signature = "mixed"
 autodoc_inherit_docstrings = True
+# Defaults as the source writes them (``registry=REGISTRY``), not their reprs.
+autodoc_preserve_defaults = True
 
 # The doctest builder runs every `>>>` example of the reference's docstrings and of the pages.
 doctest_test_doctest_blocks = "default"

@@ -16,7 +16,6 @@ from __future__ import annotations
 import enum
 import importlib
 import inspect
-import re
 import sys
 import types
 from typing import Any
@@ -127,7 +126,7 @@ def data_entry(namespace: str, name: str, value: Any) -> list[str]:
                 break
     shown = repr(value)
     lines = [f".. py:data:: {name}", f"   :module: {namespace}"]
-    if len(shown) <= 120:
+    if len(shown) <= 160:
         lines.append(f"   :value: {shown}")
     lines.append("")
     lines += [f"   {line}" if line.strip() else "" for line in comment]
@@ -270,7 +269,7 @@ def skip_fields(
     return None
 
 
-def factory_defaults(
+def attrs_defaults(
     app: Sphinx,
     what: str,
     name: str,
@@ -279,16 +278,44 @@ def factory_defaults(
     signature: str | None,
     return_annotation: str | None,
 ) -> tuple[str | None, str | None] | None:
-    """``autodoc-process-signature``: ``admission=AdmissionConfig()``, not attrs' ``NOTHING``."""
+    """``autodoc-process-signature``: an attrs class's defaults as a user writes them.
+
+    attrs generates ``__init__``, so ``autodoc_preserve_defaults`` finds the generated source
+    (``attr_dict['idle_timeout'].default``, ``NOTHING`` for a factory) instead of the value.
+    """
     if signature is None or not (inspect.isclass(obj) and attrs.has(obj)):
         return None
-    for field in attrs.fields(obj):
-        if isinstance(field.default, attrs.Factory):  # type: ignore[arg-type]
-            made = default_of(field).strip("`")
-            signature = re.sub(
-                rf"(\b{field.alias or field.name}\b[^,=]*= )NOTHING", rf"\g<1>{made}", signature
-            )
-    return signature, return_annotation
+    shown = {
+        field.alias or field.name: default_of(field).strip("`")
+        for field in attrs.fields(obj)
+        if field.default is not attrs.NOTHING
+    }
+    params = []
+    for param in top_level_split(signature.strip()[1:-1]):
+        key = param.split(":")[0].split("=")[0].strip()
+        if key in shown and "=" in param:
+            param = param[: param.rindex("=")] + "= " + shown[key]
+        params.append(param)
+    return "(" + ", ".join(params) + ")", return_annotation
+
+
+def top_level_split(text: str) -> list[str]:
+    """Split a parameter list at its commas, not at those inside brackets or quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for index, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            parts.append(text[start:index].strip())
+            start = index + 1
+    tail = text[start:].strip()
+    return parts + [tail] if tail else parts
 
 
 def setup(app: Sphinx) -> dict[str, Any]:
@@ -297,5 +324,5 @@ def setup(app: Sphinx) -> dict[str, Any]:
     app.connect("autodoc-process-docstring", add_fields)
     app.connect("autodoc-skip-member", skip_fields)
     app.connect("autodoc-process-bases", public_bases)
-    app.connect("autodoc-process-signature", factory_defaults)
+    app.connect("autodoc-process-signature", attrs_defaults)
     return {"parallel_read_safe": True, "parallel_write_safe": True}

@@ -92,6 +92,8 @@ class SessionReaped:
     lateness: float
 
 
+#: Every event a server emits, to ``on_event`` and to each ``Server.add_listener`` callback:
+#: one of these classes, told apart by type (``isinstance`` or ``match``).
 ServerEvent = ConnectionOpened | ConnectionClosed | SessionTakenOver | RoundTrip | SessionReaped
 
 
