@@ -57,6 +57,13 @@ def test_the_site_builds_with_warnings_as_errors(built: Path) -> None:
     assert own.count("reap_forever") >= 3
 
 
+def test_make_docs_builds_the_same_way() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = makefile[makefile.index("\ndocs:") :].split("\n\n")[0]
+    assert "-m sphinx -W --keep-going" in recipe and "docs/_build/html" in recipe
+    assert "/docs/_build/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
 def test_the_examples_in_the_reference_and_the_pages_run(built: Path) -> None:
     result = sphinx("doctest", built / "doctest", built / "doctrees")
     report = (built / "doctest" / "output.txt").read_text()
