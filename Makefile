@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml examples/pyproject.toml
 
 # Debian tools the fault tests and the gateway's real-client tests use (iproute2 for namespaces,
 # mosquitto's clients and broker). Installed only when missing and only when we are root with apt.
+# docdeps: Python's and attrs' inventories for the docs' links (optional; never fails).
 sysdeps:
 	@bash scripts/sysdeps.sh
+	@bash scripts/docdeps.sh
 
 demo: setup
 	$(PY) examples/demo.py

@@ -80,7 +80,7 @@ def _inventory(candidates: list[str]) -> str | None:
 
 
 # Intersphinx without a network: an inventory is used only where a local copy exists (Debian's
-# python3-doc and python-attr-doc, installed by scripts/sysdeps.sh, or a file dropped into
+# python3-doc and python-attr-doc, installed by scripts/docdeps.sh, or a file dropped into
 # docs/_inventories/NAME.inv); a project without one is left out, so an offline build has no
 # "failed to reach any of the inventories" warning (which -W makes fatal) and its references to
 # that project render as plain text. KEEPCONN_DOCS_ONLINE=1 fetches the missing ones instead.

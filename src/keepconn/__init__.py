@@ -20,7 +20,6 @@ from ._core.config import ServerConfig as ServerConfig
 from ._core.errors import ConfigError as ConfigError
 from ._core.errors import HelloRejected as HelloRejected
 from ._core.errors import KeepconnError as KeepconnError
-from ._core.errors import MissingExtra as MissingExtra
 from ._core.errors import ProtocolError as ProtocolError
 from ._core.errors import SessionClosed as SessionClosed
 from ._core.events import ConnectionClosed as ConnectionClosed
@@ -50,6 +49,7 @@ from ._core.reasons import CloseReason as CloseReason
 from ._core.registry import RegistryStats as RegistryStats
 from ._core.registry import Session as Session
 from ._core.registry import SessionRegistry as SessionRegistry
+from ._extras import MissingExtra as MissingExtra
 from ._extras import check_backend as check_backend
 from ._public import claim as _claim
 

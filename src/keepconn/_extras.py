@@ -9,9 +9,25 @@ from __future__ import annotations
 
 import importlib.util
 
-from ._core.errors import ConfigError, MissingExtra
+from ._core.errors import ConfigError, KeepconnError
 
-__all__ = ["BACKENDS", "check_backend", "require"]
+__all__ = ["BACKENDS", "MissingExtra", "check_backend", "require"]
+
+
+class MissingExtra(KeepconnError, ImportError):
+    """An optional backend or integration was asked for, and the package behind it is missing.
+
+    The message is one line naming the extra to install (``pip install 'keepconn[trio]'``);
+    ``extra`` holds the extra's name and ``name`` (as in every :class:`ImportError`) the module
+    that could not be imported. It is an :class:`ImportError`, so ``except ImportError`` still
+    catches it.
+    """
+
+    def __init__(self, message: str, *, extra: str, name: str) -> None:
+        super().__init__(message, name=name)
+        #: The extra that installs what is missing (``"trio"``, ``"prometheus"``).
+        self.extra = extra
+
 
 #: Each event loop keepconn runs on -> (the module it needs, the extra that installs it);
 #: asyncio needs nothing beyond the standard library.

@@ -61,6 +61,10 @@ class Server(Generic[F]):
     :param handler: ``async (conn) -> None``: serve the session; read with ``conn.receive()``.
         Returning closes the connection (APPLICATION, unless a reason was set).
     :param framer: ``() -> Framer``: a new framer for each connection.
+    :param config: the server's settings (:class:`ServerConfig`; its defaults when None).
+    :param rng: the random source of every jitter (shutdown hints, maximum age); pass
+        ``random.Random(seed)`` to replay a run.
+    :raises keepconn.ConfigError: ``config.heartbeat`` is set without a ``send_ping``.
     :param send_ping: ``async (conn) -> None``: send one application ping (active heartbeat).
     :param goodbye: ``async (conn, retry_after) -> None``: tell a peer the server is going
         away and when to come back (shutdown).
@@ -69,12 +73,8 @@ class Server(Generic[F]):
         TLS it is called only for refusals after the handshake (``stream`` is then the TLS
         stream): one refused at accept time is closed without a word, since saying it would
         take the handshake that admission control is there to spare.
-    :param config: the server's settings (:class:`ServerConfig`; its defaults when None).
     :param on_event: called with every ServerEvent (keep it quick; it runs inline). More
         listeners can attach later with :meth:`add_listener`.
-    :param rng: the random source of every jitter (shutdown hints, maximum age); pass
-        ``random.Random(seed)`` to replay a run.
-    :raises keepconn.ConfigError: ``config.heartbeat`` is set without a ``send_ping``.
     """
 
     def __init__(

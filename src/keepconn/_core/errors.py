@@ -2,10 +2,10 @@
 
 KeepconnError
 ├── ConfigError (also a ValueError)   a configuration value is out of range; raised when built
+├── MissingExtra (also an ImportError) an optional backend or integration is not installed
 ├── SessionClosed                     an operation needs a live session and this one has ended
 ├── ProtocolError                     a peer sent bytes that break the application's framing
 ├── HelloRejected                     the application refused a peer's hello (AUTH_FAILED)
-├── MissingExtra (also an ImportError) an optional backend or integration is not installed
 ├── tcp.UnsupportedOption             the platform lacks a socket option that was asked for
 └── testing.NetnsError                a network namespace could not be built or changed
 
@@ -18,14 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = [
-    "ConfigError",
-    "HelloRejected",
-    "KeepconnError",
-    "MissingExtra",
-    "ProtocolError",
-    "SessionClosed",
-]
+__all__ = ["ConfigError", "HelloRejected", "KeepconnError", "ProtocolError", "SessionClosed"]
 
 
 class KeepconnError(Exception):
@@ -63,18 +56,3 @@ class HelloRejected(KeepconnError):
     The connection is closed with AUTH_FAILED; a live session of the same identity is never
     disturbed. Send any protocol-level refusal (an MQTT CONNACK code, say) before raising.
     """
-
-
-class MissingExtra(KeepconnError, ImportError):
-    """An optional backend or integration was asked for, and the package behind it is missing.
-
-    The message is one line naming the extra to install (``pip install 'keepconn[trio]'``);
-    ``extra`` holds the extra's name and ``name`` (as in every :class:`ImportError`) the module
-    that could not be imported. It is an :class:`ImportError`, so ``except ImportError`` still
-    catches it.
-    """
-
-    def __init__(self, message: str, *, extra: str, name: str) -> None:
-        super().__init__(message, name=name)
-        #: The extra that installs what is missing (``"trio"``, ``"prometheus"``).
-        self.extra = extra

@@ -11,7 +11,7 @@ try:
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 except ImportError:
     # Name the extra to install, rather than leave a bare "No module named" to puzzle over.
-    from .._core.errors import MissingExtra
+    from .._extras import MissingExtra
 
     raise MissingExtra(
         "keepconn.metrics needs prometheus_client: pip install 'keepconn[prometheus]'",
