@@ -96,7 +96,14 @@ def test_every_namespace_has_its_reference_page() -> None:
         for page in (DOCS / "reference").glob("*.rst")
         for match in re.finditer(r"^\.\. keepconn-namespace:: (\S+)$", page.read_text(), re.M)
     }
-    assert pages == set(NAMESPACES)
+    for namespace in set(NAMESPACES) - pages:
+        page = namespace.removeprefix("keepconn.")
+        title = f"{namespace}\n{'=' * len(namespace)}"
+        pytest.fail(
+            f"{namespace} has no reference page: add docs/reference/{page}.rst holding\n"
+            f"{title}\n\n.. keepconn-namespace:: {namespace}"
+        )
+    assert pages <= set(NAMESPACES), f"pages of namespaces test_exports does not know: {pages}"
 
 
 def python_blocks() -> Iterator[tuple[str, str]]:
