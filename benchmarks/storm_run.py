@@ -16,9 +16,11 @@ from typing import Any
 import attrs
 import psutil
 
+from device_gateway.devcerts import make_dev_pki
 from device_gateway.gateway_process import write_users_file
 from harness import quantile, round_or_none
 from keepconn.tcp import census
+from storm_drops import classify
 from storm_processes import Fleet, Probe, Server, StatusPoller
 
 #: Devices per worker process: old plus new connections of each stay far below 20,000.
@@ -73,6 +75,8 @@ class Params:
     sources: int
     connect_timeout: float
     seed: int
+    #: Devices (and the probe) speak MQTT over TLS to a server with a throwaway certificate.
+    tls: bool = False
 
 
 def _rates(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -100,13 +104,16 @@ def run_one(
     samples: list[dict[str, Any]] = []
     marks: dict[str, float] = {}
     notes: list[str] = []
+    # One throwaway CA and server certificate per run (openssl: about 0.1 s).
+    pki = make_dev_pki(workdir / f"{contender.name}-pki") if params.tls else None
+    ca = None if pki is None else str(pki.ca)
     try:
-        server = Server(contender, users, workdir)
+        server = Server(contender, users, workdir, pki)
         port = server.port
         assert port is not None
         where = f"pid {server.proc.pid}, port {port}"
         log(f"[{contender.name}] {shlex.join(server.argv[1:])} ({where})")
-        probe = Probe(port, user)
+        probe = Probe(port, user, ca)
         poller = StatusPoller(server)
         spec = {
             "host": "127.0.0.1",
@@ -118,6 +125,7 @@ def run_one(
             "seed": params.seed,
             "sources": [f"127.0.1.{i + 1}" for i in range(params.sources)],
             "connect_timeout": params.connect_timeout,
+            "tls": None if ca is None else {"ca": ca},
         }
         marks["start"] = time.monotonic()
         fleet = Fleet(spec, params.devices, params.workers)
@@ -208,13 +216,25 @@ def run_one(
             probe.lines.stop()
         if server is not None:
             server.stop()
+    trace = server.trace()
+    if contender.server == "gateway" and trace is None:
+        notes.append("the gateway left no session trace: drops cannot be classified")
     if final_status is None and poller.samples:
         # A server out of descriptors cannot accept its status connection either: use the last
         # answer it gave.
         notes.append("the final /status failed; figures use the last one that answered")
         final_status = poller.samples[-1][1]
     return summarise(
-        contender, params, marks, samples, poller.samples, final_status, finals, probe_data, notes
+        contender,
+        params,
+        marks,
+        samples,
+        poller.samples,
+        final_status,
+        finals,
+        probe_data,
+        notes,
+        trace,
     )
 
 
@@ -228,6 +248,7 @@ def summarise(
     finals: list[dict[str, Any]],
     probe: dict[str, Any],
     notes: list[str],
+    trace: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Figures and timelines of one run (times relative to the cut)."""
     cut, storm_end, settled = marks["cut"], marks["storm_end"], marks["settled"]
@@ -250,6 +271,11 @@ def summarise(
     accept_rates = _rates(accepted)
     storm_accepts = [r for t, r in accept_rates if cut <= t <= storm_end + 1.0]
     connack_rates = _rates([(r["t"], float(r.get("connacks", 0))) for r in samples])
+    # Connections the devices completed (under TLS: handshakes), per second.
+    made_rates = _rates([(r["t"], float(r.get("handshakes", 0))) for r in samples])
+    storm_made = [r for t, r in made_rates if cut <= t <= storm_end + 1.0]
+    drops = classify([d for f in finals for d in f.get("drops", [])], trace, params.keepalive, cut)
+    worker_lags = [f["lag"] for f in finals if "lag" in f]
 
     cpu_in_storm = None
     if len(in_storm) >= 2 and "cpu_s" in in_storm[0] and "cpu_s" in in_storm[-1]:
@@ -299,7 +325,19 @@ def summarise(
         "census_ms_max": round_or_none(
             max((r.get("census_ms", 0.0) for r in census_rows), default=None)
         ),
-        "false_reaps": sum(f["live_drops"] for f in finals),
+        # Sessions the server closed under a device that had not walked away from them, and of
+        # those the ones the device's own evidence does not excuse (storm_drops.py).
+        "sessions_dropped": sum(f["live_drops"] for f in finals),
+        "false_reaps": drops["false_reaps"],
+        "device_stalled": drops["device_stalled"],
+        "device_lag_p99_ms": ms(max((w["p99"] or 0.0 for w in worker_lags), default=None)),
+        "device_lag_max_ms": ms(max((w["max"] or 0.0 for w in worker_lags), default=None)),
+        "device_stalls": sum(len(w["stalls"]) for w in worker_lags),
+        "tls": params.tls,
+        "handshake_rate_peak": round_or_none(max(storm_made, default=None)),
+        "overloaded_closes": (final_status or {}).get("closed", {}).get("OVERLOADED"),
+        "retry_hints": None if trace is None else trace["retry_hints"]["count"],
+        "admission_refused": None if trace is None else trace.get("admission"),
         "server_timeout_closes": server_timeouts,
         # Settled phantoms. The device-side estimate (the kernel's ESTABLISHED count less the
         # devices' live and connecting sessions) cannot tell a true phantom from a socket the
@@ -344,6 +382,8 @@ def summarise(
         "clients": contender.clients,
         "server_args": list(contender.extra),
         "figures": figures,
+        "drops": drops["drops"],
+        "worker_lag": worker_lags,
         "final_status": _brief_status(final_status),
         "notes": notes,
         "timeline": timeline,
