@@ -21,6 +21,14 @@ Then it reconnects with the same client id. Only when the server closes the old 
 does the device close its end, so an old connection stays open exactly as long as the server
 keeps it: that count is the benchmark's device-side phantom figure.
 
+With ``"tls": {"ca": PEM}`` in the spec every connection is MQTT over TLS, verified against that
+CA; the handshake is part of the connect (inside ``connect_timeout``), with no session
+resumption, so every reconnect costs the server a full handshake.
+
+A device whose session the server closes records its side of it (storm_trace.py): CONNECT,
+CONNACK and PINGREQ times, and the worst stall of its worker's loop meanwhile. The ``final``
+line carries those records and the worker's loop-lag summary.
+
 Protocol with the coordinator: the spec is one JSON argument; stdin takes ``cut T`` (T is the
 coordinator's time.monotonic(), which is system-wide on Linux) and ``quit``; stdout carries a
 ``tick`` JSON line every 0.25 s and one ``final`` line before exit.
@@ -62,6 +70,14 @@ TICK = 0.25
 NAIVE_RETRY = 1.0
 _PINGREQ = encode(Pingreq())
 _DISCONNECT = encode(Disconnect())
+
+
+def _local(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return ""
+    return f"{host}:{port}"
 
 
 class Link(asyncio.Protocol):
@@ -145,6 +161,8 @@ class Device:
         "back_at",
         "attempts",
         "ping_timer",
+        "history",
+        "trying",
     )
 
     def __init__(self, worker: Worker, index: int) -> None:
@@ -173,6 +191,10 @@ class Device:
         self.back_at: float | None = None
         self.attempts = 0
         self.ping_timer: asyncio.TimerHandle | None = None
+        #: The last few attempts: [started, local address, stage reached, outcome, ended].
+        self.history: list[list[Any]] = []
+        #: The attempt in progress: [local address, stage] ("tcp", "link", "connack").
+        self.trying: list[str] = ["", "tcp"]
 
     # -- one attempt
 
@@ -181,13 +203,22 @@ class Device:
         worker = self.worker
         self.attempts += 1
         self.state = "connecting"
+        started = time.monotonic()
+        self.trying = ["", "tcp"]
+        outcome = "connect_timeout"
         try:
-            return await asyncio.wait_for(self._connect(), worker.spec["connect_timeout"])
+            outcome = await asyncio.wait_for(self._connect(), worker.spec["connect_timeout"])
+            return outcome
         except asyncio.TimeoutError:
-            return "connect_timeout"
+            return outcome
         finally:
             if self.state == "connecting":
                 self.state = "offline"
+            # Which connection was which, should the server drop a session of this device.
+            ended = round(time.monotonic(), 4)
+            self.history.append([round(started, 4), *self.trying, outcome, ended])
+            if len(self.history) > 8:
+                del self.history[0]
 
     async def _connect(self) -> str:
         loop = asyncio.get_running_loop()
@@ -199,6 +230,7 @@ class Device:
             sock.bind((self.source, 0))
             sock.setblocking(False)
             await loop.sock_connect(sock, (worker.host, worker.port))
+            self.trying = [_local(sock), "link"]
             worker.awaiting += 1
             try:
                 # Under TLS the handshake is part of the connect, inside connect_timeout.
@@ -210,10 +242,12 @@ class Device:
                     server_hostname=None if tls is None else worker.host,
                     ssl_handshake_timeout=None if tls is None else worker.spec["connect_timeout"],
                 )
+                self.trying[1] = "connack"
                 code = await link.connack
             finally:
                 worker.awaiting -= 1
         except OSError as exc:
+            self.trying[0] = self.trying[0] or _local(sock)
             if link is not None:
                 link.abort()
             else:
@@ -228,6 +262,7 @@ class Device:
             return f"connect_{errno.errorcode.get(exc.errno or 0, 'error')}"
         except BaseException:
             # Timed out (cancelled by wait_for) or quitting: never leave a socket behind.
+            self.trying[0] = self.trying[0] or _local(sock)
             if link is not None:
                 link.abort()
             else:
@@ -322,7 +357,7 @@ class Device:
                 # reap (the device never stopped pinging), or a takeover it did not ask for,
                 # unless the device itself fell behind: its evidence goes to the coordinator.
                 worker.live_drops += 1
-                worker.drops.append(drop_record(self.client_id, link, worker.lag))
+                worker.drops.append(drop_record(self.client_id, link, worker.lag, self.history))
                 await worker.nap(NAIVE_RETRY if naive else self.backoff.next_delay())
 
 

@@ -24,10 +24,10 @@ from typing import Any
 SILENCE_REASONS = ("IDLE_TIMEOUT", "HEARTBEAT_TIMEOUT", "KEEPALIVE_TIMEOUT")
 
 
-def _by_peer(events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+def _by(key: str, events: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     out: dict[str, list[dict[str, Any]]] = {}
     for event in events:
-        out.setdefault(event["peer"], []).append(event)
+        out.setdefault(event.get(key, ""), []).append(event)
     return out
 
 
@@ -45,11 +45,14 @@ def classify(
     """Counts by class and every drop with its evidence (times relative to the cut)."""
     timeout = 1.5 * keepalive
     margin = timeout - keepalive
-    peers = _by_peer(trace["events"]) if trace else {}
+    events = trace["events"] if trace else []
+    peers, clients = _by("peer", events), _by("client_id", events)
     rows = []
     for drop in drops:
         lost_at = drop["lost_at"] if drop["lost_at"] is not None else float("inf")
-        mine = peers.get(drop["local"], [])
+        # An address and port come back in later connections: only this one's life counts.
+        born = drop["hello_sent_at"] or drop["connack_at"] or 0.0
+        mine = [e for e in peers.get(drop["local"], []) if e["t"] >= born - 0.1]
         # The server's close comes before the device sees it (allow for clock-read order).
         closed = _last_before(mine, "closed", lost_at + 1.0)
         opened = _last_before(mine, "opened", lost_at + 1.0)
@@ -90,6 +93,17 @@ def classify(
                 "device_silence_at_close": None if silence is None else round(silence, 3),
                 "ping_lateness_max": round(max(late), 3) if late else None,
                 "worker_lag_max": drop["worker_lag_max"],
+                # Both sides' stories of this device since the cut: its attempts (started,
+                # local address, stage reached, outcome, ended) and the server's events for
+                # its client id, on every connection.
+                "device_attempts": [
+                    [rel(a[0]), a[1], a[2], a[3], rel(a[4])] for a in drop.get("history", [])
+                ],
+                "server_events": [
+                    {**e, "t": rel(e["t"])}
+                    for e in clients.get(drop["client_id"], [])
+                    if e["t"] >= cut - 1.0
+                ],
             }
         )
     return {

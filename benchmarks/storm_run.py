@@ -79,6 +79,34 @@ class Params:
     tls: bool = False
 
 
+#: The kernel's TCP counters (/proc/net/netstat, machine-wide) that say how the listen queue
+#: fared: full accept queues, SYN cookies, and data that reached a socket its owner had closed.
+NETSTAT_KEYS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "SyncookiesSent",
+    "SyncookiesRecv",
+    "SyncookiesFailed",
+    "TCPAbortOnData",
+    "TCPReqQFullDoCookies",
+    "TCPReqQFullDrop",
+)
+
+
+def netstat() -> dict[str, int]:
+    """The NETSTAT_KEYS counters now (empty where /proc/net/netstat cannot be read)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, int] = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        for name, value in zip(names.split()[1:], values.split()[1:], strict=False):
+            if name in NETSTAT_KEYS:
+                found[name] = int(value)
+    return found
+
+
 def _rates(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     """Per-second rates between consecutive (time, cumulative count) points."""
     out = []
@@ -188,6 +216,7 @@ def run_one(
         marks["online"] = time.monotonic()
         log(f"[{contender.name}] {samples[-1].get('online', 0)} devices online; steady")
         wait_until("steady", lambda r: False, params.steady)
+        kernel_before = netstat()
         marks["cut"] = cut = time.monotonic()
         fleet.command(f"cut {cut!r}")
         log(f"[{contender.name}] cut")
@@ -201,6 +230,8 @@ def run_one(
             log(f"[{contender.name}] {got}/{n} back at the timeout; settling")
         wait_until("settling", lambda r: False, params.settle)
         marks["settled"] = time.monotonic()
+        kernel_after = netstat()
+        notes_kernel = {k: kernel_after[k] - kernel_before.get(k, 0) for k in kernel_after}
         sample()
         poller.stop()
         final_status = server.status()
@@ -235,6 +266,7 @@ def run_one(
         probe_data,
         notes,
         trace,
+        notes_kernel,
     )
 
 
@@ -249,6 +281,7 @@ def summarise(
     probe: dict[str, Any],
     notes: list[str],
     trace: dict[str, Any] | None = None,
+    kernel: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Figures and timelines of one run (times relative to the cut)."""
     cut, storm_end, settled = marks["cut"], marks["storm_end"], marks["settled"]
@@ -383,6 +416,9 @@ def summarise(
         "server_args": list(contender.extra),
         "figures": figures,
         "drops": drops["drops"],
+        # Machine-wide kernel counters from the cut to the end of settling (other processes'
+        # sockets count too): how the listen queue fared.
+        "kernel_tcp": kernel or {},
         "worker_lag": worker_lags,
         "final_status": _brief_status(final_status),
         "notes": notes,

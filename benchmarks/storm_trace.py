@@ -89,8 +89,11 @@ class LagMonitor:
         }
 
 
-def drop_record(client_id: str, link: LinkView, lag: LagMonitor) -> dict[str, Any]:
-    """What the device knows about a session the server closed under it."""
+def drop_record(
+    client_id: str, link: LinkView, lag: LagMonitor, history: list[list[Any]]
+) -> dict[str, Any]:
+    """What the device knows about a session the server closed under it, and about its last
+    few connection attempts (``history``: started, local address, stage, outcome, ended)."""
     start = link.hello_sent_at if link.hello_sent_at is not None else link.connack_at
     end = link.lost_at if link.lost_at is not None else time.monotonic()
     return {
@@ -104,4 +107,5 @@ def drop_record(client_id: str, link: LinkView, lag: LagMonitor) -> dict[str, An
         "lost_at": link.lost_at,
         "lost_by": link.lost_by,
         "worker_lag_max": round(lag.worst(start or end, end), 4),
+        "history": [list(h) for h in history],
     }
