@@ -27,10 +27,15 @@ What is measured, and how (the same way for all three servers):
   schedule whatever the answers do (see storm_probe.py); p50/p99/max from the cut until every
   device is back (or the timeout);
 * server CPU and RSS: psutil on the server's pid, every 0.5 s;
-* false reaps: sessions a device kept alive on schedule that the server closed (the device
-  sees the close; MQTT 3.1.1 does not say why, and for a device that never stopped pinging any
-  server close is a wrong reap). The keepconn gateway's own IDLE/HEARTBEAT_TIMEOUT counts are
-  reported beside them: those also count correct reaps of cut connections;
+* false reaps: sessions a device kept alive on schedule that the server closed. The device
+  sees the close (MQTT 3.1.1 does not say why) and records its side: CONNECT, CONNACK and
+  every PINGREQ's due and sent times, and its worker's own event-loop lag. The keepconn
+  gateway runs under benchmarks/storm_wrap.py, which traces every session's open, reap and
+  close (reason, detail) by peer address; benchmarks/storm_drops.py sets the two side by side
+  and counts as ``device_stalled``, not as a false reap, a drop for silence that the device's
+  own stalled loop explains. Without a server trace (the naive gateway) every drop counts.
+  The keepconn gateway's own IDLE/HEARTBEAT_TIMEOUT counts are reported beside them: those
+  also count correct reaps of cut connections;
 * phantoms from the kernel's table (keepconn.tcp.census of the server's port, once a second):
   ESTABLISHED sockets beyond the devices' live and connecting sessions and the probe, and
   CLOSE_WAIT sockets. The devices also count their cut connections the server still holds
@@ -39,6 +44,14 @@ What is measured, and how (the same way for all three servers):
 Sources: loopback only. Every device binds one of ``--sources`` addresses in 127.0.1.0/24, so
 old and new connections of 15,000 devices (30,000 sockets to one server port) fit within the
 ephemeral port range (about 28,000 ports per source address by default).
+
+With ``--tls`` every server speaks MQTT over TLS (a throwaway CA and certificate from
+device_gateway.devcerts; the naive gateway with its ``--tls-cert``/``--tls-key``), every device
+and the probe verify it, and every reconnect is a full handshake: the storm's costliest work.
+The table then shows handshakes completed per second at the peak (devices' count), and for
+the keepconn gateway whether admission engaged (OVERLOADED closes, retry hints the gateway's
+refuse callback was given: none under TLS, where a refused connection is closed before any
+handshake and MQTT 3.1.1 has no field for a hint anyway).
 
 Run ``python benchmarks/storm.py`` (15,000 devices, about ten minutes), ``--quick`` for the
 test suite's smoke check (1,000 devices), ``--only NAME`` to run some servers. Writes a table to
@@ -82,6 +95,11 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--connect-timeout", type=float, default=10.0, help="TCP + CONNACK, s")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument(
+        "--tls",
+        action="store_true",
+        help="MQTT over TLS: every server gets a throwaway certificate, devices its CA",
+    )
+    p.add_argument(
         "--only", action="append", choices=[c.name for c in CONTENDERS], help="run only these"
     )
     p.add_argument("--json", type=Path, help="write the figures and timelines here")
@@ -110,6 +128,7 @@ def _params(args: argparse.Namespace) -> Params:
         sources=args.sources,
         connect_timeout=args.connect_timeout,
         seed=args.seed,
+        tls=args.tls,
     )
 
 

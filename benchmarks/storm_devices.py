@@ -21,6 +21,14 @@ Then it reconnects with the same client id. Only when the server closes the old 
 does the device close its end, so an old connection stays open exactly as long as the server
 keeps it: that count is the benchmark's device-side phantom figure.
 
+With ``"tls": {"ca": PEM}`` in the spec every connection is MQTT over TLS, verified against that
+CA; the handshake is part of the connect (inside ``connect_timeout``), with no session
+resumption, so every reconnect costs the server a full handshake.
+
+A device whose session the server closes records its side of it (storm_trace.py): CONNECT,
+CONNACK and PINGREQ times, and the worst stall of its worker's loop meanwhile. The ``final``
+line carries those records and the worker's loop-lag summary.
+
 Protocol with the coordinator: the spec is one JSON argument; stdin takes ``cut T`` (T is the
 coordinator's time.monotonic(), which is system-wide on Linux) and ``quit``; stdout carries a
 ``tick`` JSON line every 0.25 s and one ``final`` line before exit.
@@ -34,6 +42,7 @@ import json
 import random
 import resource
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -51,6 +60,7 @@ from device_gateway.mqtt_codec import (
     encode,
 )
 from keepconn import Backoff
+from storm_trace import PINGS_KEPT, LagMonitor, drop_record
 
 #: Linux's IP_BIND_ADDRESS_NO_PORT (Python exposes it from 3.12 only): bind() picks the source
 #: address, connect() picks the port against the full 4-tuple, so each source address brings
@@ -60,6 +70,14 @@ TICK = 0.25
 NAIVE_RETRY = 1.0
 _PINGREQ = encode(Pingreq())
 _DISCONNECT = encode(Disconnect())
+
+
+def _local(sock: socket.socket) -> str:
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return ""
+    return f"{host}:{port}"
 
 
 class Link(asyncio.Protocol):
@@ -76,10 +94,22 @@ class Link(asyncio.Protocol):
         self.lost: asyncio.Future[None] = loop.create_future()
         #: Set once the device has walked away from this connection in a cut.
         self.abandoned = False
+        # The device's view of this connection, for a drop's evidence (storm_trace.py).
+        self.local = ""
+        self.hello_sent_at: float | None = None
+        self.connack_at: float | None = None
+        self.pings: list[tuple[float, float]] = []
+        self.lost_at: float | None = None
+        self.lost_by = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports implement asyncio.Transport without subclassing it.
+        # uvloop's transports implement asyncio.Transport without subclassing it. Under TLS
+        # this is called once the handshake is done.
         self.transport = cast(asyncio.Transport, transport)
+        self.device.worker.handshakes += 1
+        host, port = transport.get_extra_info("sockname")[:2]
+        self.local = f"{host}:{port}"
+        self.hello_sent_at = time.monotonic()
         self.transport.write(self.hello)
 
     def data_received(self, data: bytes) -> None:
@@ -90,6 +120,7 @@ class Link(asyncio.Protocol):
             return
         for packet in packets:
             if isinstance(packet, Connack) and not self.connack.done():
+                self.connack_at = time.monotonic()
                 self.connack.set_result(packet.return_code)
             # PINGRESP and anything else: the server is alive; nothing to do.
 
@@ -98,6 +129,8 @@ class Link(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost_at = time.monotonic()
+        self.lost_by = "EOF" if exc is None else type(exc).__name__
         if not self.connack.done():
             self.connack.set_exception(ConnectionResetError("closed before CONNACK"))
         if not self.lost.done():
@@ -128,6 +161,8 @@ class Device:
         "back_at",
         "attempts",
         "ping_timer",
+        "history",
+        "trying",
     )
 
     def __init__(self, worker: Worker, index: int) -> None:
@@ -156,6 +191,10 @@ class Device:
         self.back_at: float | None = None
         self.attempts = 0
         self.ping_timer: asyncio.TimerHandle | None = None
+        #: The last few attempts: [started, local address, stage reached, outcome, ended].
+        self.history: list[list[Any]] = []
+        #: The attempt in progress: [local address, stage] ("tcp", "link", "connack").
+        self.trying: list[str] = ["", "tcp"]
 
     # -- one attempt
 
@@ -164,13 +203,22 @@ class Device:
         worker = self.worker
         self.attempts += 1
         self.state = "connecting"
+        started = time.monotonic()
+        self.trying = ["", "tcp"]
+        outcome = "connect_timeout"
         try:
-            return await asyncio.wait_for(self._connect(), worker.spec["connect_timeout"])
+            outcome = await asyncio.wait_for(self._connect(), worker.spec["connect_timeout"])
+            return outcome
         except asyncio.TimeoutError:
-            return "connect_timeout"
+            return outcome
         finally:
             if self.state == "connecting":
                 self.state = "offline"
+            # Which connection was which, should the server drop a session of this device.
+            ended = round(time.monotonic(), 4)
+            self.history.append([round(started, 4), *self.trying, outcome, ended])
+            if len(self.history) > 8:
+                del self.history[0]
 
     async def _connect(self) -> str:
         loop = asyncio.get_running_loop()
@@ -182,22 +230,39 @@ class Device:
             sock.bind((self.source, 0))
             sock.setblocking(False)
             await loop.sock_connect(sock, (worker.host, worker.port))
+            self.trying = [_local(sock), "link"]
             worker.awaiting += 1
             try:
-                _, link = await loop.create_connection(lambda: Link(self, self.hello), sock=sock)
+                # Under TLS the handshake is part of the connect, inside connect_timeout.
+                tls = worker.tls
+                _, link = await loop.create_connection(
+                    lambda: Link(self, self.hello),
+                    sock=sock,
+                    ssl=tls,
+                    server_hostname=None if tls is None else worker.host,
+                    ssl_handshake_timeout=None if tls is None else worker.spec["connect_timeout"],
+                )
+                self.trying[1] = "connack"
                 code = await link.connack
             finally:
                 worker.awaiting -= 1
         except OSError as exc:
+            self.trying[0] = self.trying[0] or _local(sock)
             if link is not None:
                 link.abort()
             else:
                 sock.close()
             if isinstance(exc, ConnectionResetError) and link is not None:
                 return "closed_before_connack"
+            if isinstance(exc, ssl.SSLError):
+                # SSLError's errno is OpenSSL's, not an errno: name what TLS said instead.
+                return f"tls_{(exc.reason or 'error').lower()}"
+            if link is None and worker.tls is not None and self._handshaking(exc):
+                return "tls_closed_in_handshake"
             return f"connect_{errno.errorcode.get(exc.errno or 0, 'error')}"
         except BaseException:
             # Timed out (cancelled by wait_for) or quitting: never leave a socket behind.
+            self.trying[0] = self.trying[0] or _local(sock)
             if link is not None:
                 link.abort()
             else:
@@ -210,15 +275,26 @@ class Device:
         self.state = "online"
         return "ok"
 
+    @staticmethod
+    def _handshaking(exc: OSError) -> bool:
+        # The server closed or reset while the TLS handshake ran (after sock_connect): asyncio
+        # reports a connection error with no TLS alert.
+        return isinstance(exc, (ConnectionError, ConnectionAbortedError))
+
     # -- one session
 
-    def _ping(self) -> None:
+    def _ping(self, due: float) -> None:
         link = self.link
         if link is None or link.transport is None or link.abandoned:
             return
+        now = time.monotonic()
+        link.pings.append((due, now))
+        if len(link.pings) > PINGS_KEPT:
+            del link.pings[0]
         link.transport.write(_PINGREQ)
+        keepalive = self.worker.spec["keepalive"]
         self.ping_timer = asyncio.get_running_loop().call_later(
-            self.worker.spec["keepalive"], self._ping
+            keepalive, self._ping, now + keepalive
         )
 
     async def serve(self) -> str:
@@ -229,7 +305,8 @@ class Device:
         self.wake = wake = loop.create_future()
         link.lost.add_done_callback(lambda _: wake.done() or wake.set_result("dropped"))
         # The device sends nothing but pings, so one every keepalive is exactly MQTT's rule.
-        self.ping_timer = loop.call_later(self.worker.spec["keepalive"], self._ping)
+        keepalive = self.worker.spec["keepalive"]
+        self.ping_timer = loop.call_later(keepalive, self._ping, time.monotonic() + keepalive)
         try:
             return await wake
         finally:
@@ -277,8 +354,10 @@ class Device:
                     await worker.nap(self.backoff.next_delay())
             else:
                 # The server closed a session this device kept alive on schedule: a false
-                # reap (the device never stopped pinging), or a takeover it did not ask for.
+                # reap (the device never stopped pinging), or a takeover it did not ask for,
+                # unless the device itself fell behind: its evidence goes to the coordinator.
                 worker.live_drops += 1
+                worker.drops.append(drop_record(self.client_id, link, worker.lag, self.history))
                 await worker.nap(NAIVE_RETRY if naive else self.backoff.next_delay())
 
 
@@ -298,6 +377,15 @@ class Worker:
         self.abandoned_open = 0
         self.abandoned: list[Link] = []
         self.failures: Counter[str] = Counter()
+        #: Connections made (under TLS: handshakes completed).
+        self.handshakes = 0
+        self.drops: list[dict[str, Any]] = []
+        self.lag = LagMonitor()
+        self.cut_at: float | None = None
+        tls = spec.get("tls")
+        self.tls: ssl.SSLContext | None = None
+        if tls is not None:
+            self.tls = ssl.create_default_context(cafile=tls["ca"])
         first = spec["first"]
         self.devices = [Device(self, i) for i in range(first, first + spec["count"])]
 
@@ -311,6 +399,7 @@ class Worker:
             pass
 
     def cut(self, at: float) -> None:
+        self.cut_at = at
         for device in self.devices:
             device.cut_at = at
             device.back_at = None
@@ -334,6 +423,7 @@ class Worker:
             "awaiting": self.awaiting,
             "back": self.back,
             "connacks": self.connacks,
+            "handshakes": self.handshakes,
             "abandoned_open": self.abandoned_open,
             "live_drops": self.live_drops,
             "failures": dict(self.failures),
@@ -348,6 +438,8 @@ class Worker:
             ],
             "attempts": sum(d.attempts for d in self.devices),
             "live_drops": self.live_drops,
+            "drops": self.drops,
+            "lag": self.lag.summary(self.cut_at),
             "abandoned_open": self.abandoned_open,
             "failures": dict(self.failures),
         }
@@ -378,6 +470,7 @@ async def _main(spec: dict[str, Any]) -> None:
             await asyncio.sleep(TICK)
 
     reporter = asyncio.create_task(report())
+    lag_task = asyncio.create_task(worker.lag.run())
     runs = [asyncio.create_task(d.run()) for d in worker.devices]
     while True:
         word, _, arg = (await commands.get()).partition(" ")
@@ -393,6 +486,7 @@ async def _main(spec: dict[str, Any]) -> None:
     for link in worker.abandoned:
         link.abort()
     reporter.cancel()
+    lag_task.cancel()
     _emit(worker.tick())
     _emit(worker.final())
 

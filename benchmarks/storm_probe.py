@@ -9,17 +9,23 @@ event loop took to get to it. Sending on a schedule rather than after each answe
 2-second stall shows as a hundred samples sliding from 2 s down, not as one sample: the
 percentiles are time-weighted, free of coordinated omission.
 
-Run by benchmarks/storm.py: ``storm_probe.py HOST PORT USERNAME PASSWORD INTERVAL``. Prints
-``{"kind": "ready"}`` once the session is open, then, after ``quit`` (or EOF) on stdin, one line
+Run by benchmarks/storm.py: ``storm_probe.py HOST PORT USERNAME PASSWORD INTERVAL [CA]``; with
+CA (a PEM file) the session speaks TLS, trusting that CA. Prints ``{"kind": "ready"}`` once the
+session is open, then, after ``quit`` (or EOF) on stdin, one line
 ``{"kind": "samples", "sent": [...], "lag": [...], "lost": bool}`` (sent times are
 time.monotonic(), system-wide on Linux, so the coordinator can line them up with its own).
+
+One thread both sends and receives (select() with the next send as its timeout): an SSL
+socket must not be written by one thread while another reads it.
 """
 
 from __future__ import annotations
 
 import collections
 import json
+import select
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -32,11 +38,15 @@ KEEPALIVE = 600
 _PINGREQ = encode(Pingreq())
 
 
-def _connect(host: str, port: int, username: str, password: str) -> tuple[socket.socket, Decoder]:
+def _connect(
+    host: str, port: int, username: str, password: str, tls: ssl.SSLContext | None
+) -> tuple[socket.socket, Decoder]:
     # A server under admission control may refuse at a bad moment; the probe starts before the
     # fleet, so a few tries are plenty.
     for _ in range(20):
         sock = socket.create_connection((host, port), timeout=10.0)
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname=host)
         secret = password.encode()
         hello = Connect(CLIENT_ID, keepalive=KEEPALIVE, username=username, password=secret)
         sock.sendall(encode(hello))
@@ -55,74 +65,76 @@ def _connect(host: str, port: int, username: str, password: str) -> tuple[socket
     raise SystemExit("storm_probe: the server never accepted the probe")
 
 
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    # Bytes TLS has already decrypted do not make the socket readable again.
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    return bool(select.select([sock], [], [], max(0.0, timeout))[0])
+
+
 def main() -> None:
     host, port, username, password, interval = sys.argv[1:6]
-    sock, decoder = _connect(host, int(port), username, password)
+    tls = None
+    if len(sys.argv) > 6:
+        tls = ssl.create_default_context(cafile=sys.argv[6])
+    sock, decoder = _connect(host, int(port), username, password, tls)
     step = float(interval)
     outstanding: collections.deque[float] = collections.deque()
     sent: list[float] = []
     lag: list[float] = []
     stop = threading.Event()
-    lost = threading.Event()
+    lost = False
 
-    def send_loop() -> None:
-        due = time.monotonic()
-        while not stop.is_set():
-            due += step
-            pause = due - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            else:
-                # Far behind (the probe itself was starved): skip ahead rather than burst.
-                due = time.monotonic()
+    def wait_for_quit() -> None:
+        for line in sys.stdin:
+            if line.strip() == "quit":
+                break
+        stop.set()
+
+    print(json.dumps({"kind": "ready"}), flush=True)
+    threading.Thread(target=wait_for_quit, daemon=True).start()
+    due = time.monotonic() + step
+    # After quit, answers still in flight get a moment; pings the server never answered are
+    # left out (the coordinator reports the probe as lost if the session died).
+    drain_until: float | None = None
+    while drain_until is None or time.monotonic() < drain_until:
+        if drain_until is None and stop.is_set():
+            drain_until = time.monotonic() + min(1.0, 20 * step)
+        now = time.monotonic()
+        wait = (due - now) if drain_until is None else (drain_until - now)
+        if _readable(sock, min(wait, 0.1)):
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                data = b""
+            got = time.monotonic()
+            if not data:
+                lost = drain_until is None
+                break
+            for packet in decoder.feed(data):
+                if isinstance(packet, Pingresp) and outstanding:
+                    t = outstanding.popleft()
+                    sent.append(t)
+                    lag.append(got - t)
+        now = time.monotonic()
+        if drain_until is None and now >= due:
+            # Far behind (the probe itself was starved): skip ahead rather than burst.
+            due = due + step if now - due < step else now + step
             # Recorded before the send so a send that blocks counts against the server.
             outstanding.append(time.monotonic())
             try:
                 sock.sendall(_PINGREQ)
             except OSError:
-                lost.set()
-                return
-
-    def receive_loop() -> None:
-        while True:
-            try:
-                data = sock.recv(65536)
-            except OSError:
-                data = b""
-            now = time.monotonic()
-            if not data:
-                if not stop.is_set():
-                    lost.set()
-                return
-            for packet in decoder.feed(data):
-                if isinstance(packet, Pingresp) and outstanding:
-                    t = outstanding.popleft()
-                    sent.append(t)
-                    lag.append(now - t)
-
-    receiver = threading.Thread(target=receive_loop, daemon=True)
-    sender = threading.Thread(target=send_loop, daemon=True)
-    receiver.start()
-    sender.start()
-    print(json.dumps({"kind": "ready"}), flush=True)
-    for line in sys.stdin:
-        if line.strip() == "quit":
-            break
-    stop.set()
-    sender.join(5.0)
-    # Answers still in flight get a moment; pings the server never answered are left out
-    # (the coordinator reports the probe as lost if the session died).
-    time.sleep(min(1.0, 20 * step))
+                lost = True
+                break
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
     except OSError:
         pass
-    receiver.join(5.0)
-    sock.close()
     n = len(lag)
     print(
         json.dumps(
-            {"kind": "samples", "sent": sent[:n], "lag": lag[:n], "lost": lost.is_set()},
+            {"kind": "samples", "sent": sent[:n], "lag": lag[:n], "lost": lost},
             separators=(",", ":"),
         ),
         flush=True,

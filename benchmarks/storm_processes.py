@@ -1,11 +1,13 @@
 """The processes one storm run starts, seen from the coordinator (benchmarks/storm.py): the
-server under test, the device workers (storm_devices.py), the loop-lag probe (storm_probe.py)
-and a poller of the server's status page. Every one is ended by its pid in a finally block.
+server under test (the keepconn gateway through storm_wrap.py, which traces its sessions), the
+device workers (storm_devices.py), the loop-lag probe (storm_probe.py) and a poller of the
+server's status page. Every one is ended by its pid in a finally block.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -19,14 +21,16 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 
-from device_gateway.gateway_process import GATEWAY_SCRIPT
+from device_gateway.devcerts import DevPki
 from harness import NAIVE_GATEWAY, ROOT, free_port, start_listening, stop_process
+from storm_wrap import TRACE_ENV
 
 if TYPE_CHECKING:
     from storm_run import Contender
 
 DEVICES = ROOT / "benchmarks" / "storm_devices.py"
 PROBE = ROOT / "benchmarks" / "storm_probe.py"
+WRAP = ROOT / "benchmarks" / "storm_wrap.py"
 PROBE_INTERVAL = 0.02
 #: Seconds between GET /status. Not more often: the keepconn gateway's status page parses the
 #: kernel's socket table on every request (tens of milliseconds of its CPU at 30,000 sockets),
@@ -45,15 +49,25 @@ def _raise_nofile() -> None:
 class Server:
     """A gateway process started from its documented command line."""
 
-    def __init__(self, contender: Contender, users: Path, workdir: Path) -> None:
+    def __init__(
+        self, contender: Contender, users: Path, workdir: Path, tls: DevPki | None = None
+    ) -> None:
         self.status_port = free_port()
-        script = GATEWAY_SCRIPT if contender.server == "gateway" else NAIVE_GATEWAY
+        gateway = contender.server == "gateway"
+        script = WRAP if gateway else NAIVE_GATEWAY
         argv = [sys.executable, str(script), "--host", "127.0.0.1", "--port", "0"]
         argv += ["--users", str(users), "--status-port", str(self.status_port)]
-        if contender.server == "gateway":
+        if tls is not None:
+            argv += ["--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key)]
+        env = dict(os.environ)
+        #: The gateway's session trace (storm_wrap.py), written when it exits.
+        self.trace_path: Path | None = None
+        if gateway:
             # warning: the per-close info lines would cost the keepconn gateway 30,000 log
             # writes a storm that the naive gateway (which logs nothing) does not pay.
             argv += ["--data", str(workdir / f"{contender.name}.sqlite3"), "--log-level", "warning"]
+            self.trace_path = workdir / f"{contender.name}.trace.json"
+            env[TRACE_ENV] = str(self.trace_path)
         argv += list(contender.extra)
         self.argv = argv
         self.log_path = workdir / f"{contender.name}.log"
@@ -65,6 +79,7 @@ class Server:
                 timeout=30.0,
                 what=f"{script.name} (see {self.log_path})",
                 preexec_fn=_raise_nofile,  # noqa: PLW1509 - no threads of ours touch the child
+                env=env,
             )
         except BaseException:
             self._log.close()
@@ -83,6 +98,15 @@ class Server:
         code = stop_process(self.proc)
         self._log.close()
         return code
+
+    def trace(self) -> dict[str, Any] | None:
+        """The gateway's session trace, once it has exited (None for the naive gateway)."""
+        if self.trace_path is None:
+            return None
+        try:
+            return dict(json.loads(self.trace_path.read_text()))
+        except (OSError, ValueError):
+            return None
 
 
 class Lines:
@@ -177,10 +201,12 @@ class Fleet:
 class Probe:
     """The loop-lag probe session (storm_probe.py)."""
 
-    def __init__(self, port: int, user: tuple[str, str]) -> None:
+    def __init__(self, port: int, user: tuple[str, str], ca: str | None = None) -> None:
         self.ready = threading.Event()
         self.samples: dict[str, Any] | None = None
         argv = [sys.executable, str(PROBE), "127.0.0.1", str(port), *user, str(PROBE_INTERVAL)]
+        if ca is not None:
+            argv.append(ca)  # TLS, trusting this CA
         self.lines = Lines(argv, self._receive)
         if not self.ready.wait(30.0):
             self.lines.stop()

@@ -16,9 +16,11 @@ from typing import Any
 import attrs
 import psutil
 
+from device_gateway.devcerts import make_dev_pki
 from device_gateway.gateway_process import write_users_file
 from harness import quantile, round_or_none
 from keepconn.tcp import census
+from storm_drops import classify
 from storm_processes import Fleet, Probe, Server, StatusPoller
 
 #: Devices per worker process: old plus new connections of each stay far below 20,000.
@@ -73,6 +75,36 @@ class Params:
     sources: int
     connect_timeout: float
     seed: int
+    #: Devices (and the probe) speak MQTT over TLS to a server with a throwaway certificate.
+    tls: bool = False
+
+
+#: The kernel's TCP counters (/proc/net/netstat, machine-wide) that say how the listen queue
+#: fared: full accept queues, SYN cookies, and data that reached a socket its owner had closed.
+NETSTAT_KEYS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "SyncookiesSent",
+    "SyncookiesRecv",
+    "SyncookiesFailed",
+    "TCPAbortOnData",
+    "TCPReqQFullDoCookies",
+    "TCPReqQFullDrop",
+)
+
+
+def netstat() -> dict[str, int]:
+    """The NETSTAT_KEYS counters now (empty where /proc/net/netstat cannot be read)."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return {}
+    found: dict[str, int] = {}
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        for name, value in zip(names.split()[1:], values.split()[1:], strict=False):
+            if name in NETSTAT_KEYS:
+                found[name] = int(value)
+    return found
 
 
 def _rates(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -100,13 +132,16 @@ def run_one(
     samples: list[dict[str, Any]] = []
     marks: dict[str, float] = {}
     notes: list[str] = []
+    # One throwaway CA and server certificate per run (openssl: about 0.1 s).
+    pki = make_dev_pki(workdir / f"{contender.name}-pki") if params.tls else None
+    ca = None if pki is None else str(pki.ca)
     try:
-        server = Server(contender, users, workdir)
+        server = Server(contender, users, workdir, pki)
         port = server.port
         assert port is not None
         where = f"pid {server.proc.pid}, port {port}"
         log(f"[{contender.name}] {shlex.join(server.argv[1:])} ({where})")
-        probe = Probe(port, user)
+        probe = Probe(port, user, ca)
         poller = StatusPoller(server)
         spec = {
             "host": "127.0.0.1",
@@ -118,6 +153,7 @@ def run_one(
             "seed": params.seed,
             "sources": [f"127.0.1.{i + 1}" for i in range(params.sources)],
             "connect_timeout": params.connect_timeout,
+            "tls": None if ca is None else {"ca": ca},
         }
         marks["start"] = time.monotonic()
         fleet = Fleet(spec, params.devices, params.workers)
@@ -180,6 +216,7 @@ def run_one(
         marks["online"] = time.monotonic()
         log(f"[{contender.name}] {samples[-1].get('online', 0)} devices online; steady")
         wait_until("steady", lambda r: False, params.steady)
+        kernel_before = netstat()
         marks["cut"] = cut = time.monotonic()
         fleet.command(f"cut {cut!r}")
         log(f"[{contender.name}] cut")
@@ -193,6 +230,8 @@ def run_one(
             log(f"[{contender.name}] {got}/{n} back at the timeout; settling")
         wait_until("settling", lambda r: False, params.settle)
         marks["settled"] = time.monotonic()
+        kernel_after = netstat()
+        notes_kernel = {k: kernel_after[k] - kernel_before.get(k, 0) for k in kernel_after}
         sample()
         poller.stop()
         final_status = server.status()
@@ -208,13 +247,26 @@ def run_one(
             probe.lines.stop()
         if server is not None:
             server.stop()
+    trace = server.trace()
+    if contender.server == "gateway" and trace is None:
+        notes.append("the gateway left no session trace: drops cannot be classified")
     if final_status is None and poller.samples:
         # A server out of descriptors cannot accept its status connection either: use the last
         # answer it gave.
         notes.append("the final /status failed; figures use the last one that answered")
         final_status = poller.samples[-1][1]
     return summarise(
-        contender, params, marks, samples, poller.samples, final_status, finals, probe_data, notes
+        contender,
+        params,
+        marks,
+        samples,
+        poller.samples,
+        final_status,
+        finals,
+        probe_data,
+        notes,
+        trace,
+        notes_kernel,
     )
 
 
@@ -228,6 +280,8 @@ def summarise(
     finals: list[dict[str, Any]],
     probe: dict[str, Any],
     notes: list[str],
+    trace: dict[str, Any] | None = None,
+    kernel: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Figures and timelines of one run (times relative to the cut)."""
     cut, storm_end, settled = marks["cut"], marks["storm_end"], marks["settled"]
@@ -250,6 +304,11 @@ def summarise(
     accept_rates = _rates(accepted)
     storm_accepts = [r for t, r in accept_rates if cut <= t <= storm_end + 1.0]
     connack_rates = _rates([(r["t"], float(r.get("connacks", 0))) for r in samples])
+    # Connections the devices completed (under TLS: handshakes), per second.
+    made_rates = _rates([(r["t"], float(r.get("handshakes", 0))) for r in samples])
+    storm_made = [r for t, r in made_rates if cut <= t <= storm_end + 1.0]
+    drops = classify([d for f in finals for d in f.get("drops", [])], trace, params.keepalive, cut)
+    worker_lags = [f["lag"] for f in finals if "lag" in f]
 
     cpu_in_storm = None
     if len(in_storm) >= 2 and "cpu_s" in in_storm[0] and "cpu_s" in in_storm[-1]:
@@ -299,7 +358,19 @@ def summarise(
         "census_ms_max": round_or_none(
             max((r.get("census_ms", 0.0) for r in census_rows), default=None)
         ),
-        "false_reaps": sum(f["live_drops"] for f in finals),
+        # Sessions the server closed under a device that had not walked away from them, and of
+        # those the ones the device's own evidence does not excuse (storm_drops.py).
+        "sessions_dropped": sum(f["live_drops"] for f in finals),
+        "false_reaps": drops["false_reaps"],
+        "device_stalled": drops["device_stalled"],
+        "device_lag_p99_ms": ms(max((w["p99"] or 0.0 for w in worker_lags), default=None)),
+        "device_lag_max_ms": ms(max((w["max"] or 0.0 for w in worker_lags), default=None)),
+        "device_stalls": sum(len(w["stalls"]) for w in worker_lags),
+        "tls": params.tls,
+        "handshake_rate_peak": round_or_none(max(storm_made, default=None)),
+        "overloaded_closes": (final_status or {}).get("closed", {}).get("OVERLOADED"),
+        "retry_hints": None if trace is None else trace["retry_hints"]["count"],
+        "admission_refused": None if trace is None else trace.get("admission"),
         "server_timeout_closes": server_timeouts,
         # Settled phantoms. The device-side estimate (the kernel's ESTABLISHED count less the
         # devices' live and connecting sessions) cannot tell a true phantom from a socket the
@@ -344,6 +415,11 @@ def summarise(
         "clients": contender.clients,
         "server_args": list(contender.extra),
         "figures": figures,
+        "drops": drops["drops"],
+        # Machine-wide kernel counters from the cut to the end of settling (other processes'
+        # sockets count too): how the listen queue fared.
+        "kernel_tcp": kernel or {},
+        "worker_lag": worker_lags,
         "final_status": _brief_status(final_status),
         "notes": notes,
         "timeline": timeline,

@@ -3,11 +3,13 @@
 On real loopback sockets, on asyncio, uvloop and trio: frames that precede a malformed one in
 the same write all reach the handler before the connection closes with PROTOCOL_ERROR, and no
 other session notices; a hello read late on an older connection of a device cannot take the
-session that device has since opened on a newer one.
+session that device has since opened on a newer one, nor can a hello on a newer connection whose
+peer has given up on it (accepted late, as the kernel does under a listen-queue overflow).
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import anyio
@@ -15,14 +17,21 @@ import pytest
 
 from keepconn import (
     CloseReason,
+    Connection,
+    Hello,
     LineFramer,
     ProtocolError,
     Server,
     ServerConfig,
     ServerEvent,
 )
+from keepconn.testing.pytest_plugin import require_netns
 from tests.lineapp import Client, closes, handler, identify, serving, wait_for
 from tests.timing import slack
+
+#: Linux's TCP_REPAIR (Python has no name for it): closing a socket in repair mode sends
+#: nothing, as if its host had lost the connection's state (CRIU's use).
+TCP_REPAIR = getattr(socket, "TCP_REPAIR", 19)
 
 pytestmark = pytest.mark.anyio
 
@@ -132,4 +141,58 @@ async def test_a_stale_hello_never_takes_over_the_session_of_a_newer_connection(
         await wait_for(lambda: bool(closes(events, CloseReason.TAKEN_OVER)))
         assert server.registry.get("dev") is not session
         for client in (x, y, z):
+            await client.aclose()
+
+
+async def _slow_identify(conn: Connection[bytes]) -> Hello:
+    # A server behind in a storm: the hello is read, and only some time later acted on.
+    hello = await identify(conn)
+    await anyio.sleep(slack(0.3))
+    return hello
+
+
+def _hello_then_vanish(port: int, hello: bytes) -> None:
+    """Connect, send ``hello`` and close without a FIN or RST: the peer is gone, and the server
+    can learn it only from the reset its next byte earns."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5.0)
+    try:
+        sock.sendall(hello)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, 1)
+        except PermissionError as exc:
+            require_netns(f"TCP_REPAIR needs CAP_NET_ADMIN ({exc})")
+    finally:
+        sock.close()
+
+
+async def test_a_hello_whose_peer_has_vanished_never_takes_over_a_live_session() -> None:
+    events: list[ServerEvent] = []
+    config = ServerConfig(**BASE)
+    async with serving(config, events=events, identify=_slow_identify) as (server, port):
+        y = await Client.connect(port)
+        assert await y.hello("dev") == b"OK"
+        session = server.registry.get("dev")
+        # X is accepted after Y, so accept order says it is the newer one; but its device has
+        # given up on it by the time its hello is acted on (what a connection the kernel
+        # completed late from a SYN cookie looks like: the device's kernel retransmitted the
+        # CONNECT of a socket its owner had closed).
+        _hello_then_vanish(port, b"HELLO dev secret\n")
+        await wait_for(lambda: bool(closes(events, CloseReason.STALE_HELLO)), slack(5))
+        [stale] = closes(events, CloseReason.STALE_HELLO)
+        assert stale.identity is None and "reset the connection on its welcome" in stale.detail
+        assert server.registry.get("dev") is session
+        assert not closes(events, CloseReason.TAKEN_OVER)
+        for i in range(3):
+            await y.send(b"PING")
+            assert await y.line(timeout=slack(2)) == b"PONG", i
+        assert server.stats().closed[CloseReason.STALE_HELLO] == 1
+        # A live newer connection still takes the session over, and gets one welcome only.
+        z = await Client.connect(port)
+        assert await z.hello("dev") == b"OK"
+        assert await y.closed_by_server()
+        await wait_for(lambda: bool(closes(events, CloseReason.TAKEN_OVER)))
+        assert server.registry.get("dev") is not session
+        await z.send(b"PING")
+        assert await z.line(timeout=slack(2)) == b"PONG"
+        for client in (y, z):
             await client.aclose()

@@ -1,5 +1,6 @@
-"""Smoke test of benchmarks/storm.py: its --quick run must get every device back, leave no
-phantom behind the keepconn gateway once settled, and reap no live device.
+"""Smoke test of benchmarks/storm.py: its --quick run, over plain TCP and over TLS, must get
+every device back, leave no phantom behind the keepconn gateway once settled, and reap no live
+device (a drop the device's own stalled loop explains is counted apart, with its evidence).
 
 Correctness only: the run's timings (time until all back, accept rate, loop lag, CPU) are the
 benchmark's output for docs/benchmarks.md, never a pass/fail of the test suite.
@@ -11,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,17 +21,35 @@ BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "storm.py"
 pytestmark = pytest.mark.slow
 
 
-def test_quick_storm_recovers_without_phantoms_or_false_reaps(tmp_path: Path) -> None:
+def _run(tmp_path: Path, *extra: str) -> dict[str, Any]:
     out_json = tmp_path / "storm.json"
     out_png = tmp_path / "storm.png"
-    argv = [sys.executable, str(BENCHMARK), "--quick", "--json", str(out_json)]
+    argv = [sys.executable, str(BENCHMARK), "--quick", "--json", str(out_json), *extra]
     proc = subprocess.run(
         [*argv, "--png", str(out_png)], capture_output=True, text=True, timeout=280
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert out_png.stat().st_size > 0
+    report: dict[str, Any] = json.loads(out_json.read_text())
+    return report
 
-    report = json.loads(out_json.read_text())
+
+def _drops_accounted(name: str, result: dict[str, Any]) -> None:
+    figures = result["figures"]
+    # Every session dropped under a device is either a false reap or a stall of the device's
+    # own loop, and each one is listed with both sides' evidence.
+    assert figures["sessions_dropped"] == figures["false_reaps"] + figures["device_stalled"]
+    assert len(result["drops"]) == figures["sessions_dropped"], (name, result["drops"])
+    for drop in result["drops"]:
+        if drop["verdict"] == "device_stalled":
+            assert drop["server_reason"] in ("IDLE_TIMEOUT", "HEARTBEAT_TIMEOUT"), drop
+            assert drop["worker_lag_max"] > 0, drop
+    # The device workers measured their own loop.
+    assert figures["device_lag_max_ms"] is not None, (name, figures)
+
+
+def test_quick_storm_recovers_without_phantoms_or_false_reaps(tmp_path: Path) -> None:
+    report = _run(tmp_path)
     assert report["quick"] is True
     params = report["params"]
     assert params["workers"] >= 2
@@ -42,8 +62,9 @@ def test_quick_storm_recovers_without_phantoms_or_false_reaps(tmp_path: Path) ->
         # Every device came back after the cut, and none of them lost a live session.
         assert figures["all_back"], (name, figures)
         assert figures["back"] == params["devices"]
-        assert figures["false_reaps"] == 0, (name, figures)
+        assert figures["false_reaps"] == 0, (name, result["drops"])
         assert figures["lag_samples"] > 0 and not figures["probe_lost"], (name, figures)
+        _drops_accounted(name, result)
 
     for name in ("keepconn", "keepconn-open"):
         figures = results[name]["figures"]
@@ -59,3 +80,37 @@ def test_quick_storm_recovers_without_phantoms_or_false_reaps(tmp_path: Path) ->
     naive = results["naive"]["figures"]
     assert naive["old_connections_open_end"] == params["devices"]
     assert naive["phantom_established_end"] == params["devices"]
+
+
+def test_quick_tls_storm_against_the_naive_gateway(tmp_path: Path) -> None:
+    report = _run(tmp_path, "--tls", "--only", "keepconn", "--only", "naive")
+    params = report["params"]
+    assert params["tls"] is True
+    results = {r["name"]: r for r in report["results"]}
+    assert set(results) == {"keepconn", "naive"}
+    for name, result in results.items():
+        figures = result["figures"]
+        assert result["notes"] == [], (name, result["notes"])
+        assert figures["tls"] is True
+        assert figures["all_back"], (name, figures)
+        assert figures["false_reaps"] == 0, (name, result["drops"])
+        # Every device that came back did a TLS handshake to do so (failed ones add to that).
+        assert figures["handshake_rate_peak"] > 0, (name, figures)
+        # The devices verify the throwaway certificate against its CA.
+        assert "tls_certificate_verify_failed" not in figures["failed_attempts"], figures
+        assert figures["lag_samples"] > 0 and not figures["probe_lost"], (name, figures)
+        _drops_accounted(name, result)
+
+    keepconn = results["keepconn"]["figures"]
+    assert keepconn["phantom_established_end"] == 0, keepconn
+    assert keepconn["close_wait_end"] == 0, keepconn
+    assert keepconn["old_connections_open_end"] == 0, keepconn
+    # Whether admission engaged is reported, from the gateway itself: under TLS a refused
+    # connection is closed before any handshake, so the refuse callback (the only place a
+    # retry hint could go) is never given one.
+    assert keepconn["overloaded_closes"] is not None
+    assert keepconn["retry_hints"] == 0, keepconn
+    assert keepconn["admission_refused"] is not None
+    # TLS changes nothing in the naive gateway's takeover: every cut connection stays open.
+    naive = results["naive"]["figures"]
+    assert naive["old_connections_open_end"] == params["devices"]

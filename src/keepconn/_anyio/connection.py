@@ -15,7 +15,7 @@ from .._core.framing import Framer
 from .._core.heartbeat import Pinger, PingPolicer
 from .._core.reasons import ABORTIVE, CloseReason
 from .._core.registry import Session
-from ..tcp._socket import half_close, peer_gone, unread_bytes
+from ..tcp._socket import half_close, peer_gone, unacknowledged_bytes, unread_bytes
 from .base import StreamConnection
 from .failures import Failure
 
@@ -226,6 +226,13 @@ class Connection(StreamConnection[F, CloseReason]):
             return peer_gone(self.raw_socket())
         except _LOOKUP_ERRORS:
             return True
+
+    def _unacknowledged(self) -> int | None:
+        """Bytes sent that the peer's kernel has not acknowledged (None: cannot tell)."""
+        try:
+            return unacknowledged_bytes(self.raw_socket())
+        except _LOOKUP_ERRORS:
+            return None
 
     def _spared(self) -> bool:
         """Whether this session, due to be reaped, has in fact sent bytes not read yet.

@@ -22,7 +22,7 @@ import logging
 import random
 import ssl
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Generic, TypeVar
 
 import anyio
@@ -40,6 +40,11 @@ from .connection import Connection
 from .failures import Failure, errors_in, first_failure
 
 __all__ = ["Lifecycle"]
+
+#: Seconds a takeover waits at most for the peer's kernel to acknowledge the new connection's
+#: welcome (a round trip; see Lifecycle._welcome_answered). Past it the takeover goes ahead, as
+#: it would where the kernel cannot say: the wait only bounds what a slow link costs.
+TAKEOVER_CONFIRM = 2.0
 
 logger = logging.getLogger("keepconn.server")
 
@@ -144,12 +149,14 @@ class Lifecycle(Generic[F]):
                     in_hello = False
                     if hello is None:
                         return
-                    if not await self._open_session(conn, hello):
-                        if hello.refusal is not None:
+                    opened, welcomed = await self._open_session(conn, hello)
+                    if not opened:
+                        # One answer to a hello: none more once the welcome went out.
+                        if hello.refusal is not None and not welcomed:
                             with anyio.move_on_after(1.0):
                                 await conn.send(hello.refusal)
                         return
-                    if hello.welcome is not None:
+                    if hello.welcome is not None and not welcomed:
                         await conn.send(hello.welcome)
                     await self._serve_session(conn)
                 except BaseException as exc:
@@ -249,20 +256,75 @@ class Lifecycle(Generic[F]):
             raise TypeError(f"identify must return a Hello, got {hello!r}")
         return hello
 
-    async def _open_session(self, conn: Connection[F], hello: Hello) -> bool:
+    async def _open_session(self, conn: Connection[F], hello: Hello) -> tuple[bool, bool]:
+        """Open the hello's session (or refuse it): (opened, whether the welcome went out)."""
         if self._stopping.is_set() or conn.reason is not None:
             # A hello that completes while the server shuts down (or while this connection is
             # being closed) must not open a session, let alone take over a live one.
             conn._record(CloseReason.SHUTDOWN)
-            return False
+            return False, False
         if conn._peer_gone():
             # A hello read long after it was sent (the server was behind in a storm) from a
             # peer that has since given up: it must not open a session, and above all not take
             # over the live session that same device has opened on a newer connection.
             conn._record(CloseReason.PEER_CLOSED, "gone before its hello was read")
-            return False
-        now = anyio.current_time()
+            return False, False
         identity = hello.identity
+        welcomed = False
+        if hello.welcome is not None and self._gate.takes_over(identity, conn):
+            # A takeover resets a live session, so first make sure this peer is still there.
+            welcomed = True
+            if not await self._welcome_answered(conn, hello.welcome):
+                stale = self._gate.refuse_stale(
+                    "the peer reset the connection on its welcome: it had given up on it"
+                )
+                conn._record(stale.reason, stale.detail)
+                return False, True
+            if self._stopping.is_set() or conn.reason is not None:
+                conn._record(CloseReason.SHUTDOWN)
+                return False, True
+        refusal = self._open_verdict(conn, hello, identity)
+        if refusal is None:
+            return True, welcomed
+        # The application's own refusal (hello.refusal) speaks its protocol; the generic
+        # refuse callback is for connections refused before their hello was read.
+        hint = None if hello.refusal is not None or welcomed else refusal.retry_after
+        await self._refuse_connection(conn, refusal, hint)
+        return False, welcomed
+
+    async def _welcome_answered(self, conn: Connection[F], welcome: bytes) -> bool:
+        """Send the welcome; False if the peer's kernel answers it with a reset.
+
+        Under a listen-queue overflow the kernel completes some connections late (from a SYN
+        cookie, or when a retransmitted ACK finds room), after the newer connection the
+        device opened once it gave up on this one: accept order then puts the abandoned
+        connection last, and its CONNECT (retransmitted by the device's kernel) would take
+        the live session over. Nothing on the server's side tells the two apart before a
+        byte goes out, but a peer that closed its socket answers data with a reset, and a
+        live one acknowledges it within a round trip. Where the kernel cannot say (no
+        SIOCOUTQ), or past TAKEOVER_CONFIRM, the takeover goes ahead.
+        """
+        try:
+            await conn.send(welcome)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            return False
+        deadline = anyio.current_time() + TAKEOVER_CONFIRM
+        pause = 0.001
+        while True:
+            if conn._peer_gone():
+                return False
+            waiting = conn._unacknowledged()
+            if not waiting or anyio.current_time() >= deadline:
+                return True
+            await anyio.sleep(pause)
+            pause = min(2 * pause, 0.05)
+
+    def _open_verdict(
+        self, conn: Connection[F], hello: Hello, identity: Hashable
+    ) -> Refusal | None:
+        """The gatekeeper's verdict and, if it opens the session, the open (and the takeover):
+        synchronous, so no other task interleaves. None once open, else the refusal."""
+        now = anyio.current_time()
         # Synchronous from the verdict to the open: no other task can interleave, so of any
         # number of concurrent hellos for one identity exactly one session is live afterwards.
         verdict = self._gate.open_session(now, identity, conn, timeout=hello.timeout)
@@ -278,11 +340,7 @@ class Lifecycle(Generic[F]):
                     " and ".join(map(str, verdict.duplicate.peers)),
                     until - now,
                 )
-            # The application's own refusal (hello.refusal) speaks its protocol; the generic
-            # refuse callback is for connections refused before their hello was read.
-            hint = None if hello.refusal is not None else verdict.retry_after
-            await self._refuse_connection(conn, verdict, hint)
-            return False
+            return verdict
         config = self._config
         pinger = Pinger(config.heartbeat, now) if config.heartbeat is not None else None
         policer = PingPolicer(config.ping_rate) if config.ping_rate is not None else None
@@ -293,7 +351,7 @@ class Lifecycle(Generic[F]):
             old_conn.close(CloseReason.TAKEN_OVER, f"by {conn.peer!r}")
             self._emit(SessionTakenOver(identity, old_conn.peer, conn.peer))
         self._emit(ConnectionOpened(identity, conn.peer, old is not None))
-        return True
+        return None
 
     async def _serve_session(self, conn: Connection[F]) -> None:
         config = self._config

@@ -16,7 +16,13 @@ The order of the checks in :meth:`Gatekeeper.open_session`, and why:
    identity's session never takes that session over. The device opened the newer connection
    after giving up on the older one (the server was behind in a storm and read the older
    CONNECT late); the kernel cannot tell, since the older socket may still be ESTABLISHED.
-   Accept order is the one thing the server knows for certain, so it decides;
+   Accept order is what the server knows for certain, so it decides. It is not the order the
+   device connected in, though, when the listen queue overflowed: a connection the kernel
+   completed late (from a SYN cookie, or when a retransmitted ACK found room) is accepted after
+   newer ones. So before a takeover the adapter first sends the new connection its welcome
+   and waits for the peer's kernel to acknowledge it (:meth:`Gatekeeper.takes_over` says
+   when): a peer that had given up on the connection answers with a reset, and its hello is
+   refused as stale too (:meth:`Gatekeeper.refuse_stale`);
 1. the session cap (admission): a takeover is never refused, since it adds no session and
    refusing it would keep a phantom alive;
 2. the identity's flapping ban, then duplicate detection (two live devices taking one identity
@@ -115,6 +121,18 @@ class Gatekeeper:
         if decision.admitted:
             return None
         return Refusal(CloseReason.OVERLOADED, decision.limit or "", decision.retry_after)
+
+    def takes_over(self, identity: Hashable, conn: Candidate) -> bool:
+        """Whether a hello for ``identity`` on ``conn`` would displace a live session (rather
+        than open the first one, or be refused as stale by accept order)."""
+        old = self.registry.get(identity)
+        return old is not None and conn.order >= old.conn.order
+
+    def refuse_stale(self, detail: str) -> Refusal:
+        """Refuse, as STALE_HELLO, a hello the adapter found stale by the peer's own answer
+        (a reset instead of an acknowledgement of its welcome); counted with the others."""
+        self.stale += 1
+        return Refusal(CloseReason.STALE_HELLO, detail)
 
     def open_session(
         self,

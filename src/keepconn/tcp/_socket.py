@@ -11,7 +11,7 @@ import socket
 import struct
 import sys
 
-__all__ = ["abort_on_close", "half_close", "peer_gone", "unread_bytes"]
+__all__ = ["abort_on_close", "half_close", "peer_gone", "unacknowledged_bytes", "unread_bytes"]
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
@@ -42,8 +42,11 @@ try:  # Unix: how many received bytes wait unread in a socket (SIOCINQ)
     import termios
 
     _FIONREAD: int | None = termios.FIONREAD
+    # Linux: bytes in the send queue, sent or not, that the peer has not acknowledged (SIOCOUTQ).
+    _OUTQ: int | None = getattr(termios, "TIOCOUTQ", None) if sys.platform == "linux" else None
 except ImportError:  # pragma: no cover - Windows
     _FIONREAD = None
+    _OUTQ = None
 
 
 def peer_gone(sock: socket.socket) -> bool:
@@ -70,4 +73,16 @@ def unread_bytes(sock: socket.socket) -> int:
         raw = fcntl.ioctl(sock.fileno(), _FIONREAD, b"\0\0\0\0")
     except (OSError, ValueError):
         return 0
+    return int.from_bytes(raw, sys.byteorder, signed=True)
+
+
+def unacknowledged_bytes(sock: socket.socket) -> int | None:
+    """Bytes written to the connection that the peer's kernel has not acknowledged yet
+    (SIOCOUTQ); None where the platform cannot say (then nobody can wait for an ACK)."""
+    if _OUTQ is None:
+        return None
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return None
     return int.from_bytes(raw, sys.byteorder, signed=True)
