@@ -234,9 +234,14 @@ class Gateway:
         users_devices = self._devices.setdefault(device.username, set())
         users_devices.add(device)
         try:
-            await self._read_loop(conn, device)
-        except anyio.EndOfStream:
-            pass  # the peer closed: keepconn records PEER_CLOSED
+            # Read right here, not in a coroutine of its own: what an idle connection holds is
+            # this frame and keepconn's receive, nothing else of the gateway's.
+            async for packet in conn:
+                if isinstance(packet, Pingreq):  # the common case, answered without a call
+                    conn.ping_received()  # enforces a ping-rate limit when one is configured
+                    await conn.send(_PINGRESP)
+                elif not await self._on_packet(conn, device, packet):
+                    return
         finally:
             device.end()
             users_devices.discard(device)
@@ -251,39 +256,40 @@ class Gateway:
 
     # -- inside a session
 
-    async def _read_loop(self, conn: Connection[Packet], device: Device) -> None:
-        async for packet in conn:
-            if isinstance(packet, Publish):
-                await self._on_publish(conn, device, packet)
-            elif isinstance(packet, Pingreq):
-                conn.ping_received()  # enforces a ping-rate limit when one is configured
-                await conn.send(_PINGRESP)
-            elif isinstance(packet, Subscribe):
-                granted = []
-                index = self._subscriptions.setdefault(device.username, SubscriptionIndex())
-                if device.subscriptions is None:
-                    device.subscriptions = {}
-                for topic_filter, qos in packet.topics:
-                    device.subscriptions[topic_filter] = min(qos, MAX_QOS)
-                    index.add(device, topic_filter, min(qos, MAX_QOS))
-                    granted.append(min(qos, MAX_QOS))
-                await conn.send(encode(Suback(packet.packet_id, granted)))
-            elif isinstance(packet, Unsubscribe):
-                for topic_filter in packet.topic_filters:
-                    subscriptions = device.subscriptions or {}
-                    if subscriptions.pop(topic_filter, None) is not None:
-                        self._subscriptions[device.username].remove(device, topic_filter)
-                await conn.send(encode(Unsuback(packet.packet_id)))
-            elif isinstance(packet, Puback):
-                # The device acknowledges a QoS 1 delivery. Sessions are not persisted, so there
-                # is nothing to redeliver and nothing to track.
-                pass
-            elif isinstance(packet, Disconnect):
-                device.disconnected = True
-                conn.close(CloseReason.PEER_CLOSED, "DISCONNECT")
-                return
-            else:  # the codec never yields anything else to a server
-                raise MQTTProtocolError(f"unexpected {type(packet).__name__} from a client")
+    async def _on_packet(self, conn: Connection[Packet], device: Device, packet: Packet) -> bool:
+        """Act on one packet from the device; False once the session is over (DISCONNECT)."""
+        if isinstance(packet, Publish):
+            await self._on_publish(conn, device, packet)
+        elif isinstance(packet, Pingreq):
+            conn.ping_received()  # enforces a ping-rate limit when one is configured
+            await conn.send(_PINGRESP)
+        elif isinstance(packet, Subscribe):
+            granted = []
+            index = self._subscriptions.setdefault(device.username, SubscriptionIndex())
+            if device.subscriptions is None:
+                device.subscriptions = {}
+            for topic_filter, qos in packet.topics:
+                device.subscriptions[topic_filter] = min(qos, MAX_QOS)
+                index.add(device, topic_filter, min(qos, MAX_QOS))
+                granted.append(min(qos, MAX_QOS))
+            await conn.send(encode(Suback(packet.packet_id, granted)))
+        elif isinstance(packet, Unsubscribe):
+            for topic_filter in packet.topic_filters:
+                subscriptions = device.subscriptions or {}
+                if subscriptions.pop(topic_filter, None) is not None:
+                    self._subscriptions[device.username].remove(device, topic_filter)
+            await conn.send(encode(Unsuback(packet.packet_id)))
+        elif isinstance(packet, Puback):
+            # The device acknowledges a QoS 1 delivery. Sessions are not persisted, so there
+            # is nothing to redeliver and nothing to track.
+            pass
+        elif isinstance(packet, Disconnect):
+            device.disconnected = True
+            conn.close(CloseReason.PEER_CLOSED, "DISCONNECT")
+            return False
+        else:  # the codec never yields anything else to a server
+            raise MQTTProtocolError(f"unexpected {type(packet).__name__} from a client")
+        return True
 
     async def _on_publish(self, conn: Connection[Packet], device: Device, packet: Publish) -> None:
         record = Telemetry(
