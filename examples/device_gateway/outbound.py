@@ -11,6 +11,7 @@ so the drainer's frames and the device's own replies never interleave mid-frame.
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import anyio
@@ -21,6 +22,8 @@ from device_gateway.mqtt_codec import Packet, Will
 from keepconn import CloseReason, Connection, SessionClosed
 
 __all__ = ["Device", "Outbound"]
+
+logger = logging.getLogger("gateway")
 
 
 @attrs.define(eq=False)
@@ -112,6 +115,11 @@ class Outbound:
                 pass  # closing gracefully: its own task ends the session
             except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
                 conn.close(CloseReason.PEER_RESET, f"send failed: {exc!r}")
+            except Exception as exc:
+                # Not the network's doing (uvloop's RuntimeError on a transport closed under
+                # it, a bug): it ends this session, never the task group every drainer shares.
+                logger.exception("delivery to %r failed", conn)
+                conn.close(CloseReason.APPLICATION, f"delivery failed: {exc!r}")
             finally:
                 device.drainer = None
                 device.backlog = None
