@@ -351,6 +351,7 @@ async def run(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as outer:
             await outer.start(gateway.recorder.run)
             async with anyio.create_task_group() as tasks:
+                await tasks.start(gateway.outbound.run)
                 # serve() takes the SocketListeners themselves, not anyio's MultiListener.
                 sockets = cast("list[anyio.abc.SocketListener]", list(listener.listeners))
                 await tasks.start(
@@ -383,7 +384,7 @@ async def run(args: argparse.Namespace) -> int:
                     logger.warning("%s: shutting down", signal.Signals(signum).name)
                     break
                 await gateway.server.shutdown()
-                tasks.cancel_scope.cancel()  # the status page
+                tasks.cancel_scope.cancel()  # the status page and the deliveries
             # Every connection has ended: write what they queued, then stop.
             await gateway.recorder.aclose()
     gateway.recorder.sink.close()

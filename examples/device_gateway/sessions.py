@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.abc
 import attrs
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from device_gateway.mqtt_codec import (
     DEFAULT_MAX_REMAINING_LENGTH,
@@ -38,9 +37,9 @@ from device_gateway.mqtt_codec import (
     Subscribe,
     Unsuback,
     Unsubscribe,
-    Will,
     encode,
 )
+from device_gateway.outbound import Device, Outbound
 from device_gateway.sink import Recorder, SinkError, Telemetry, now_wall
 from device_gateway.topics import SubscriptionIndex
 from device_gateway.users import Users, UsersFileError
@@ -49,7 +48,6 @@ from keepconn import (
     Connection,
     Hello,
     HelloRejected,
-    ProtocolError,
     Server,
     ServerConfig,
 )
@@ -69,43 +67,11 @@ MAX_QOS = 1
 #: Messages queued for one connection before deliveries to it are dropped: a subscriber that does
 #: not read must not make publishers wait, nor grow the gateway's memory.
 OUTBOX_SIZE = 1000
-#: Seconds a closing session may spend sending what is queued for it (a last PUBACK).
-FLUSH_TIMEOUT = 1.0
 _CONNACK_OK = encode(Connack())
 _CONNACK_UNAVAILABLE = encode(Connack(return_code=ConnackCode.SERVER_UNAVAILABLE))
+_PINGRESP = encode(Pingresp())
 #: Prefix of client ids assigned to clients that sent an empty one (MQTT-3.1.3-6).
 ASSIGNED_ID_PREFIX = "auto-"
-
-
-# ----------------------------------------------------------------------------------------------
-# Topics and per-connection state.
-
-
-@attrs.define(eq=False)
-class Device:
-    """What the gateway keeps about one live MQTT connection (``conn.context``)."""
-
-    username: str
-    client_id: str
-    keepalive: int
-    will: Will | None
-    #: Topic filter -> granted QoS.
-    subscriptions: dict[str, int] = attrs.field(factory=dict)
-    #: Set by DISCONNECT: the client left cleanly, so its will is discarded (MQTT-3.14.4-3).
-    disconnected: bool = False
-    _next_id: int = 0
-    # Everything sent to this connection goes through one queue and one writer task, so sends
-    # from other connections' tasks (deliveries) never interleave with its own replies.
-    outbox: MemoryObjectSendStream[bytes] = attrs.field(init=False)
-    inbox: MemoryObjectReceiveStream[bytes] = attrs.field(init=False)
-
-    def __attrs_post_init__(self) -> None:
-        self.outbox, self.inbox = anyio.create_memory_object_stream[bytes](OUTBOX_SIZE)
-
-    def packet_id(self) -> int:
-        """The next packet identifier for a QoS 1 delivery (1..65535, wrapping)."""
-        self._next_id = self._next_id % 65535 + 1
-        return self._next_id
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,7 +92,8 @@ class Options:
 class Gateway:
     """The MQTT side of the gateway: keepconn's identify, handler and refuse callbacks.
 
-    Build it, then run ``gateway.server.serve(...)`` and ``gateway.recorder.run()``; see
+    Build it, then run ``gateway.recorder.run()``, ``gateway.outbound.run()`` and
+    ``gateway.server.serve(...)``; see
     :func:`device_gateway.gateway.run`. Replace the sink by passing another
     :class:`~device_gateway.sink.Recorder`.
     """
@@ -165,6 +132,8 @@ class Gateway:
         self._identified: weakref.WeakSet[anyio.abc.ByteStream] = weakref.WeakSet()
         #: keepconn's Prometheus collector, once :meth:`enable_metrics` has made it.
         self.metrics: ServerCollector | None = None
+        #: Sends what is delivered to subscribers (run it: :meth:`Outbound.run`).
+        self.outbound = Outbound(OUTBOX_SIZE)
 
     def enable_metrics(self) -> Metrics:
         """Collect keepconn's metrics on a registry of the gateway's own; return the function
@@ -209,7 +178,7 @@ class Gateway:
         identity: Hashable = (username, client_id)
         keepalive = connect.keepalive
         timeout = None if keepalive == 0 else 1.5 * min(keepalive, self.options.max_keepalive)
-        conn.context = Device(username, client_id, keepalive, connect.will)
+        conn.context = Device(conn, username, client_id, keepalive, connect.will)
         self._identified.add(conn.stream)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("CONNECT %r keepalive=%d from %s", identity, keepalive, conn.peer)
@@ -254,75 +223,73 @@ class Gateway:
         await stream.send(_CONNACK_UNAVAILABLE)
 
     async def handler(self, conn: Connection[Packet]) -> None:
-        """Serve one authenticated session until it ends, for whatever reason."""
+        """Serve one authenticated session until it ends, for whatever reason.
+
+        One task per connection: this one reads and answers; deliveries from other sessions
+        reach it through :meth:`_deliver`, which never waits.
+        """
         device: Device = conn.context
+        # Past the hello: refuse() is not asked about this stream any more.
+        self._identified.discard(conn.stream)
         users_devices = self._devices.setdefault(device.username, set())
         users_devices.add(device)
-        failure: Exception | None = None
         try:
-            async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._write_loop, conn, device)
-                try:
-                    await self._read_loop(conn, device)
-                except anyio.EndOfStream:
-                    pass  # the peer closed: keepconn records PEER_CLOSED
-                except Exception as exc:
-                    # Raised again below, outside the task group, so keepconn sees the
-                    # exception itself (PROTOCOL_ERROR and its reason), not an ExceptionGroup.
-                    failure = exc
-                device.outbox.close()
-                # Let the writer send what is queued (the PUBACKs of what the device sent
-                # correctly before a malformed packet among them), but never wait long on a
-                # peer that stopped reading, and not at all once the connection has broken.
-                broken = failure is not None and not isinstance(failure, ProtocolError)
-                tasks.cancel_scope.deadline = anyio.current_time() + (
-                    0 if broken else FLUSH_TIMEOUT
-                )
+            # Read right here, not in a coroutine of its own: what an idle connection holds is
+            # this frame and keepconn's receive, nothing else of the gateway's.
+            async for packet in conn:
+                if isinstance(packet, Pingreq):  # the common case, answered without a call
+                    conn.ping_received()  # enforces a ping-rate limit when one is configured
+                    await conn.send(_PINGRESP)
+                elif not await self._on_packet(conn, device, packet):
+                    return
         finally:
+            device.end()
             users_devices.discard(device)
             index = self._subscriptions.get(device.username)
-            if index is not None:
+            if index is not None and device.subscriptions:
                 for topic_filter in device.subscriptions:
                     index.remove(device, topic_filter)
             if not users_devices:
                 self._devices.pop(device.username, None)
                 self._subscriptions.pop(device.username, None)
             self._publish_will(conn, device)
-        if failure is not None:
-            raise failure
 
     # -- inside a session
 
-    async def _read_loop(self, conn: Connection[Packet], device: Device) -> None:
-        async for packet in conn:
-            if isinstance(packet, Publish):
-                await self._on_publish(conn, device, packet)
-            elif isinstance(packet, Pingreq):
-                conn.ping_received()  # enforces a ping-rate limit when one is configured
-                await device.outbox.send(encode(Pingresp()))
-            elif isinstance(packet, Subscribe):
-                granted = []
-                index = self._subscriptions.setdefault(device.username, SubscriptionIndex())
-                for topic_filter, qos in packet.topics:
-                    device.subscriptions[topic_filter] = min(qos, MAX_QOS)
-                    index.add(device, topic_filter, min(qos, MAX_QOS))
-                    granted.append(min(qos, MAX_QOS))
-                await device.outbox.send(encode(Suback(packet.packet_id, granted)))
-            elif isinstance(packet, Unsubscribe):
-                for topic_filter in packet.topic_filters:
-                    if device.subscriptions.pop(topic_filter, None) is not None:
-                        self._subscriptions[device.username].remove(device, topic_filter)
-                await device.outbox.send(encode(Unsuback(packet.packet_id)))
-            elif isinstance(packet, Puback):
-                # The device acknowledges a QoS 1 delivery. Sessions are not persisted, so there
-                # is nothing to redeliver and nothing to track.
-                pass
-            elif isinstance(packet, Disconnect):
-                device.disconnected = True
-                conn.close(CloseReason.PEER_CLOSED, "DISCONNECT")
-                return
-            else:  # the codec never yields anything else to a server
-                raise MQTTProtocolError(f"unexpected {type(packet).__name__} from a client")
+    async def _on_packet(self, conn: Connection[Packet], device: Device, packet: Packet) -> bool:
+        """Act on one packet from the device; False once the session is over (DISCONNECT)."""
+        if isinstance(packet, Publish):
+            await self._on_publish(conn, device, packet)
+        elif isinstance(packet, Pingreq):
+            conn.ping_received()  # enforces a ping-rate limit when one is configured
+            await conn.send(_PINGRESP)
+        elif isinstance(packet, Subscribe):
+            granted = []
+            index = self._subscriptions.setdefault(device.username, SubscriptionIndex())
+            if device.subscriptions is None:
+                device.subscriptions = {}
+            for topic_filter, qos in packet.topics:
+                device.subscriptions[topic_filter] = min(qos, MAX_QOS)
+                index.add(device, topic_filter, min(qos, MAX_QOS))
+                granted.append(min(qos, MAX_QOS))
+            await conn.send(encode(Suback(packet.packet_id, granted)))
+        elif isinstance(packet, Unsubscribe):
+            for topic_filter in packet.topic_filters:
+                subscriptions = device.subscriptions or {}
+                if subscriptions.pop(topic_filter, None) is not None:
+                    self._subscriptions[device.username].remove(device, topic_filter)
+            await conn.send(encode(Unsuback(packet.packet_id)))
+        elif isinstance(packet, Puback):
+            # The device acknowledges a QoS 1 delivery. Sessions are not persisted, so there
+            # is nothing to redeliver and nothing to track.
+            pass
+        elif isinstance(packet, Disconnect):
+            device.disconnected = True
+            conn.close(CloseReason.PEER_CLOSED, "DISCONNECT")
+            return False
+        else:  # the codec never yields anything else to a server
+            raise MQTTProtocolError(f"unexpected {type(packet).__name__} from a client")
+        return True
 
     async def _on_publish(self, conn: Connection[Packet], device: Device, packet: Publish) -> None:
         record = Telemetry(
@@ -348,7 +315,7 @@ class Gateway:
             return
         self._deliver(device.username, packet.topic, packet.payload, packet.qos)
         assert packet.packet_id is not None  # the codec guarantees one at QoS 1
-        await device.outbox.send(encode(Puback(packet.packet_id)))
+        await conn.send(encode(Puback(packet.packet_id)))
 
     def _deliver(self, username: str, topic: str, payload: bytes, qos: int) -> None:
         """Send a message to every session of ``username`` subscribed to ``topic``. Never waits:
@@ -361,14 +328,10 @@ class Gateway:
             packet = Publish(
                 topic, payload, qos=out_qos, packet_id=device.packet_id() if out_qos else None
             )
-            try:
-                device.outbox.send_nowait(encode(packet))
-            except anyio.WouldBlock:
-                self.dropped += 1
-            except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                pass  # that session is ending
-            else:
+            if self.outbound.queue(device, encode(packet)):
                 self.delivered += 1
+            else:
+                self.dropped += 1
 
     def _publish_will(self, conn: Connection[Packet], device: Device) -> None:
         """Publish the will of a device that vanished (MQTT-3.1.2-8), but not of one that said
@@ -385,14 +348,6 @@ class Gateway:
             Telemetry(now_wall(), device.username, device.client_id, will.topic, will.message, qos)
         )
         self._deliver(device.username, will.topic, will.message, qos)
-
-    async def _write_loop(self, conn: Connection[Packet], device: Device) -> None:
-        try:
-            async with device.inbox:
-                async for data in device.inbox:
-                    await conn.send(data)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError) as exc:
-            conn.close(CloseReason.PEER_RESET, f"send failed: {exc!r}")
 
     # -- status
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import anyio
@@ -44,6 +44,31 @@ class StreamConnection(Generic[F, R]):
     :attr:`ABORTIVE` (the reasons whose close is a RST).
     """
 
+    # Slots: a server holds one of these per connection, and a __dict__ would be its largest
+    # part. Nothing is created before it is needed for the same reason: an idle connection
+    # holds no frame queue and no send queue.
+    __slots__ = (
+        "__weakref__",
+        "_bytes_in",
+        "_detail",
+        "_error",
+        "_framer",
+        "_frames",
+        "_graceful",
+        "_pinger",
+        "_reason",
+        "_receive_size",
+        "_scope",
+        "_send_waiters",
+        "_sending",
+        "_stream",
+        "_tls",
+        "_transport",
+        "context",
+        "opened_at",
+        "peer",
+    )
+
     #: The reason each kind of failure is recorded as.
     REASONS: ClassVar[Mapping[Failure, Any]]
     #: Reasons after which the peer is believed gone or displaced: close with RST.
@@ -58,7 +83,8 @@ class StreamConnection(Generic[F, R]):
         self._tls: Tls | None = None
         self._framer = framer
         self._receive_size = receive_size
-        self._frames: deque[F] = deque()
+        # Frames read but not returned yet; None while there are none (the usual case).
+        self._frames: deque[F] | None = None
         # A framer's error waits here until the frames it completed first have been read:
         # what a peer sent correctly reaches the application even when bad bytes follow it.
         self._error: ProtocolError | None = None
@@ -70,7 +96,10 @@ class StreamConnection(Generic[F, R]):
         # FIN sent, still reading for a grace period (the server's graceful close).
         self._graceful = False
         self._bytes_in = 0
-        self._send_lock = anyio.Lock()
+        # The send lock, as a flag: True while a send is in progress. Tasks that find it taken
+        # wait in _send_waiters, made only then (most connections never have two senders).
+        self._sending = False
+        self._send_waiters: deque[anyio.Event] | None = None
         self._pinger: Pinger | None = None
         self.opened_at = anyio.current_time()
         #: The peer's address as the socket reports it, e.g. ("127.0.0.1", 50312).
@@ -132,15 +161,26 @@ class StreamConnection(Generic[F, R]):
 
     # -- reading and writing
 
-    async def receive(self) -> F:
+    def receive(self) -> Coroutine[Any, Any, F]:
         """The next complete frame.
 
         Raises anyio.EndOfStream when the peer has closed, ProtocolError when its bytes
         cannot be framed (only once every frame before the bad bytes has been returned), and
         SessionClosed once the connection is closing.
         """
-        frames = self._frames
-        while not frames:
+        return self._next_frame(anyio.EndOfStream)
+
+    async def _next_frame(self, at_eof: type[Exception]) -> F:
+        # receive() and __anext__ both return this coroutine directly, rather than awaiting
+        # it in one of their own: one suspended frame less per idle connection. At EOF it
+        # raises ``at_eof`` (StopAsyncIteration for ``async for``).
+        while True:
+            frames = self._frames
+            if frames:
+                frame = frames.popleft()
+                if not frames:
+                    self._frames = None
+                return frame
             if self._error is not None:
                 self._record_failure(Failure.PROTOCOL, str(self._error))
                 raise self._error
@@ -150,18 +190,21 @@ class StreamConnection(Generic[F, R]):
                 data = await self._stream.receive(self._receive_size)
             except anyio.EndOfStream:
                 self._at_eof()
-                raise
+                if at_eof is anyio.EndOfStream:
+                    raise
+                raise at_eof from None
             except TRANSPORT_ERRORS as exc:
                 self._transport_failed(exc)
                 raise
             self._bytes_in += len(data)
             self._feed(data)
-            if frames:
+            if self._frames:
                 self._showed_life()
-        return frames.popleft()
 
     def _feed(self, data: bytes) -> None:
         frames = self._frames
+        if frames is None:
+            frames = self._frames = deque()
         try:
             # Extending one frame at a time keeps the frames a generator framer yielded before
             # it raised; a list-returning framer hands those over on the error (its .frames).
@@ -178,12 +221,42 @@ class StreamConnection(Generic[F, R]):
         ``stream`` directly: the handler and the ping task may send at the same time, and
         the lock keeps their frames whole."""
         self._check_writable()
-        async with self._send_lock:
-            try:
-                await self._stream.send(data)
-            except TRANSPORT_ERRORS as exc:
-                self._transport_failed(exc)
-                raise
+        if self._sending:
+            await self._wait_to_send()
+        else:
+            self._sending = True
+        try:
+            await self._stream.send(data)
+        except TRANSPORT_ERRORS as exc:
+            self._transport_failed(exc)
+            raise
+        finally:
+            self._done_sending()
+
+    async def _wait_to_send(self) -> None:
+        """Wait until the send in progress (and those queued before ours) is done; the turn
+        is then ours (``_sending`` stays True, handed over by :meth:`_done_sending`)."""
+        turn = anyio.Event()
+        waiters = self._send_waiters
+        if waiters is None:
+            waiters = self._send_waiters = deque()
+        waiters.append(turn)
+        try:
+            await turn.wait()
+        except BaseException:
+            if turn.is_set():
+                self._done_sending()  # handed the turn as we were cancelled: pass it on
+            else:
+                waiters.remove(turn)
+            raise
+
+    def _done_sending(self) -> None:
+        waiters = self._send_waiters
+        if waiters:
+            waiters.popleft().set()  # first come, first served, as anyio.Lock does
+        else:
+            self._sending = False
+            self._send_waiters = None
 
     # -- TLS
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Hashable
-from typing import ClassVar, TypeVar
+from collections.abc import Callable, Coroutine, Hashable
+from typing import Any, ClassVar, TypeVar
 
 import anyio
 import anyio.abc
@@ -33,6 +33,17 @@ class Connection(StreamConnection[F, CloseReason]):
     touches the session, so an application using it cannot forget to. Close with
     :meth:`close` (immediate) or :meth:`shutdown` (graceful).
     """
+
+    __slots__ = (
+        "_emit",
+        "_eof_sent",
+        "_inode",
+        "_order",
+        "_peer_closed",
+        "_policer",
+        "_session",
+        "_spare_mark",
+    )
 
     REASONS: ClassVar[dict[Failure, CloseReason]] = {
         Failure.EOF: CloseReason.PEER_CLOSED,
@@ -107,11 +118,8 @@ class Connection(StreamConnection[F, CloseReason]):
 
     # -- I/O
 
-    async def __anext__(self) -> F:
-        try:
-            return await self.receive()
-        except anyio.EndOfStream:
-            raise StopAsyncIteration from None
+    def __anext__(self) -> Coroutine[Any, Any, F]:
+        return self._next_frame(StopAsyncIteration)
 
     def _at_eof(self) -> None:
         # Only remembered: a handler that simply returns at EOF closes as PEER_CLOSED, and one

@@ -156,8 +156,9 @@ class Lifecycle(Generic[F]):
                             with anyio.move_on_after(1.0):
                                 await conn.send(hello.refusal)
                         return
-                    if hello.welcome is not None and not welcomed:
-                        await conn.send(hello.welcome)
+                    welcome, hello = hello.welcome, None  # not kept for the connection's life
+                    if welcome is not None and not welcomed:
+                        await conn.send(welcome)
                     await self._serve_session(conn)
                 except BaseException as exc:
                     self._failed(conn, exc)
@@ -353,7 +354,7 @@ class Lifecycle(Generic[F]):
         self._emit(ConnectionOpened(identity, conn.peer, old is not None))
         return None
 
-    async def _serve_session(self, conn: Connection[F]) -> None:
+    def _serve_session(self, conn: Connection[F]) -> Awaitable[None]:
         config = self._config
         if config.max_age is not None:
             # Spread the ends of connections that started together (gRPC does the same).
@@ -362,8 +363,11 @@ class Lifecycle(Generic[F]):
             )
         send_ping = self._send_ping
         if conn._pinger is None or send_ping is None:
-            await self._handler(conn)
-            return
+            # The handler's own coroutine, awaited by run() itself: no frame in between.
+            return self._handler(conn)
+        return self._serve_with_pings(conn, send_ping)
+
+    async def _serve_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(conn._ping_loop, send_ping, self._dead)
             await self._handler(conn)

@@ -30,6 +30,8 @@ class ClientConnection(StreamConnection[F, DisconnectReason]):
     :meth:`retry_after`. Once it has ended, :attr:`reason` says why.
     """
 
+    __slots__ = ("_closed", "_crash", "_established_at", "_hint", "attempt")
+
     REASONS: ClassVar[dict[Failure, DisconnectReason | None]] = {
         Failure.EOF: DisconnectReason.SERVER_CLOSED,
         Failure.PROTOCOL: DisconnectReason.PROTOCOL_ERROR,
