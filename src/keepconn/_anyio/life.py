@@ -127,41 +127,49 @@ class Lifecycle(Generic[F]):
             on_event=self._emit,
             order=order,
         )
+        self._opened(conn)
+        try:
+            with conn._scope:
+                await self._live(conn, tls)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(conn)
+
+    def _opened(self, conn: Connection[F]) -> None:
         if not self.connections:
             self.idle = anyio.Event()
         self.connections.add(conn)
+
+    async def _live(self, conn: Connection[F], tls: ssl.SSLContext | None) -> None:
+        """Admission, hello, session, handler: everything between accept and the close."""
         in_hello = False
         try:
-            with conn._scope:
-                try:
-                    if not await self._admit(conn, tls is not None):
-                        return
-                    self._apply_keepalive(conn)
-                    in_hello = True
-                    self._hello_started(conn)
-                    hello = await self._hello(conn, tls)
-                    self._hello_ended(conn)
-                    in_hello = False
-                    if hello is None:
-                        return
-                    if not await self._open_session(conn, hello):
-                        if hello.refusal is not None:
-                            with anyio.move_on_after(1.0):
-                                await conn.send(hello.refusal)
-                        return
-                    if hello.welcome is not None:
-                        await conn.send(hello.welcome)
-                    await self._serve_session(conn)
-                except BaseException as exc:
-                    self._failed(conn, exc)
+            if not await self._admit(conn, tls is not None):
+                return
+            self._apply_keepalive(conn)
+            in_hello = True
+            self._hello_started(conn)
+            hello = await self._hello(conn, tls)
+            self._hello_ended(conn)
+            in_hello = False
+            if hello is None:
+                return
+            if not await self._open_session(conn, hello):
+                if hello.refusal is not None:
+                    with anyio.move_on_after(1.0):
+                        await conn.send(hello.refusal)
+                return
+            if hello.welcome is not None:
+                await conn.send(hello.welcome)
+            await self._serve_session(conn)
+        except BaseException as exc:
+            self._failed(conn, exc)
         finally:
             if in_hello:
                 self._hello_ended(conn)
                 reason = conn.reason
                 if reason is not None:
                     self._gate.record_hello_aborted(conn.host, anyio.current_time(), reason)
-            with anyio.CancelScope(shield=True):
-                await self._finish(conn)
 
     def _failed(self, conn: Connection[F], exc: BaseException) -> None:
         """Give the connection the reason ``exc`` stands for; re-raise what is not ours."""
@@ -172,7 +180,7 @@ class Lifecycle(Generic[F]):
             # Only cancellation. From outside (the task running serve(), Ctrl-C) it means the
             # server is going away; this connection's own scope (close, max_age) has its reason
             # already or gets it when it settles.
-            if conn.reason is None and not conn._scope.cancel_called:
+            if conn.reason is None and not conn._cancel_requested():
                 conn._record(CloseReason.SHUTDOWN)
             raise exc
         # Errors, perhaps beside a cancellation in one group (trio reports a reset seen by the
@@ -305,7 +313,11 @@ class Lifecycle(Generic[F]):
         send_ping = self._send_ping
         if conn._pinger is None or send_ping is None:
             await self._handler(conn)
-            return
+        else:
+            await self._handle_with_pings(conn, send_ping)
+
+    async def _handle_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
+        """The handler, with the connection's ping loop beside it."""
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(conn._ping_loop, send_ping, self._dead)
             await self._handler(conn)
@@ -337,11 +349,21 @@ class Lifecycle(Generic[F]):
 
     async def _finish(self, conn: Connection[F]) -> None:
         """Close the socket and account for the close, exactly once per connection."""
+        reason = self._settled(conn)
+        await conn._close_socket()
+        self._account(conn, reason)
+
+    def _settled(self, conn: Connection[F]) -> CloseReason:
+        """The connection's final reason, its session closed with it."""
         reason = conn._settle(self._stopping.is_set())
         session = conn.session
         if session is not None and session.reason is None:
             self._registry.close(session, reason)
-        await conn._close_socket()
+        return reason
+
+    def _account(self, conn: Connection[F], reason: CloseReason) -> None:
+        """Count, log and announce a close whose socket is closed."""
+        session = conn.session
         self.connections.discard(conn)
         if not self.connections:
             self.idle.set()

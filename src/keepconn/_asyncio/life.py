@@ -1,0 +1,116 @@
+"""A native connection's life: the same steps as :class:`~keepconn._anyio.life.Lifecycle`
+(admission, hello, session, handler, the one close), on a plain asyncio task.
+
+What differs is only how time and ends are carried out: the hello timeout, max_age and a
+graceful close's grace are loop timers that close the connection, a close cancels the task
+(which its life swallows, as a cancel scope would), the ping loop is a task beside the
+handler only while a heartbeat is configured, and the socket closes synchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+from typing import TypeVar
+
+from .._anyio.connection import Connection
+from .._anyio.failures import Failure, failure_of
+from .._anyio.life import Callback, Lifecycle
+from .._core.config import Hello
+from .._core.reasons import CloseReason
+from .connection import NativeConnection
+
+__all__ = ["NativeLifecycle"]
+
+logger = logging.getLogger("keepconn.server")
+
+F = TypeVar("F")
+
+
+class NativeLifecycle(Lifecycle[F]):
+    """A :class:`Lifecycle` that also runs native connections (:meth:`run_socket`)."""
+
+    def start(self, sock: socket.socket, order: int) -> None:
+        """Serve an accepted socket on a task of its own."""
+        asyncio.get_running_loop().create_task(self.run_socket(sock, order))
+
+    async def run_socket(self, sock: socket.socket, order: int) -> None:
+        """Serve one accepted socket until it closes (see :meth:`Lifecycle.run`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            framer = self._framer()
+        except Exception:
+            logger.exception("framer factory failed; closing the new connection")
+            sock.close()
+            return
+        conn: NativeConnection[F] = NativeConnection(
+            framer, on_event=self._emit, order=order, loop=loop
+        )
+        try:
+            await loop.connect_accepted_socket(lambda: conn, sock)
+        except BaseException:
+            sock.close()  # the peer may be gone already; nothing was opened
+            raise
+        task = asyncio.current_task()
+        assert task is not None
+        conn._start(task)
+        self._opened(conn)
+        try:
+            await self._live(conn, None)
+        except asyncio.CancelledError:
+            if not conn._own_cancel():
+                raise
+        finally:
+            reason = self._settled(conn)
+            conn._close_now()
+            self._account(conn, reason)
+
+    def abort_native(self) -> None:
+        """End every native connection now (the server is going away without a drain)."""
+        for conn in list(self.connections):
+            if isinstance(conn, NativeConnection):
+                conn.close(CloseReason.SHUTDOWN)
+
+    # -- the steps that differ
+
+    async def _hello(self, conn: Connection[F], tls: ssl.SSLContext | None) -> Hello | None:
+        if not isinstance(conn, NativeConnection):
+            return await super()._hello(conn, tls)
+        conn._end_at(conn._loop.time() + self._config.hello_timeout, CloseReason.HELLO_TIMEOUT)
+        try:
+            hello = await self._identify(conn)
+        except asyncio.CancelledError:
+            if conn.reason is CloseReason.HELLO_TIMEOUT and conn._own_cancel():
+                return None
+            raise
+        finally:
+            conn._cancel_timer()
+        if not isinstance(hello, Hello):
+            raise TypeError(f"identify must return a Hello, got {hello!r}")
+        return hello
+
+    async def _handle_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
+        if not isinstance(conn, NativeConnection):
+            await super()._handle_with_pings(conn, send_ping)
+            return
+        native: NativeConnection[F] = conn
+        pings = asyncio.get_running_loop().create_task(conn._ping_loop(send_ping, self._dead))
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            error = task.exception()
+            assert error is not None
+            failure, detail = failure_of(error)
+            if failure is Failure.OTHER:
+                logger.error("ping for %r failed", native, exc_info=error)
+            native._record_failure(failure, detail)
+            native._cancel_task()
+
+        pings.add_done_callback(ended)
+        try:
+            await self._handler(conn)
+        finally:
+            pings.cancel()

@@ -1,0 +1,54 @@
+"""A native connection seen as an anyio byte stream: what ``refuse`` callbacks and extras get."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.abc
+from anyio.abc import SocketAttribute
+
+from .._core.reasons import CloseReason
+
+if TYPE_CHECKING:
+    from .connection import NativeConnection
+
+__all__ = ["NativeStream"]
+
+
+class NativeStream(anyio.abc.ByteStream):
+    """Writes go through the connection (so its close rules hold); reading is the connection's
+    own business (its framer has the bytes), so :meth:`receive` refuses. Made on first use."""
+
+    def __init__(self, conn: NativeConnection[Any]) -> None:
+        self._conn = conn
+
+    async def send(self, item: bytes) -> None:
+        await self._conn.send(item)
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        raise anyio.BusyResourceError("reading: the connection's framer reads this socket")
+
+    async def send_eof(self) -> None:
+        self._conn._close_gracefully(CloseReason.APPLICATION, 2.0)
+
+    async def aclose(self) -> None:
+        self._conn.close()
+
+    @property
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        conn = self._conn
+
+        def sock() -> socket.socket:
+            return conn.raw_socket()
+
+        return {
+            SocketAttribute.raw_socket: sock,
+            SocketAttribute.family: lambda: sock().family,
+            SocketAttribute.local_address: lambda: sock().getsockname(),
+            SocketAttribute.remote_address: lambda: conn.peer,
+            SocketAttribute.local_port: lambda: sock().getsockname()[1],
+            SocketAttribute.remote_port: lambda: conn.peer[1],
+        }
