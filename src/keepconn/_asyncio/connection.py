@@ -15,7 +15,7 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -101,8 +101,8 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     # -- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._wire = transport
+        # (uvloop's transports are not asyncio.Transport subclasses, but quack alike.)
+        self._wire = cast("asyncio.Transport", transport)
         self.peer = transport.get_extra_info("peername")
         try:
             self._inode = os.fstat(transport.get_extra_info("socket").fileno()).st_ino
