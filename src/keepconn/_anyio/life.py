@@ -130,7 +130,11 @@ class Lifecycle(Generic[F]):
         self._opened(conn)
         try:
             with conn._scope:
-                await self._live(conn, tls)
+                try:
+                    if await self._prelude(conn, tls):
+                        await self._session(conn)
+                except BaseException as exc:
+                    self._failed(conn, exc)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._finish(conn)
@@ -140,12 +144,14 @@ class Lifecycle(Generic[F]):
             self.idle = anyio.Event()
         self.connections.add(conn)
 
-    async def _live(self, conn: Connection[F], tls: ssl.SSLContext | None) -> None:
-        """Admission, hello, session, handler: everything between accept and the close."""
+    async def _prelude(self, conn: Connection[F], tls: ssl.SSLContext | None) -> bool:
+        """Admission, hello, the session's opening and its welcome: True if the handler is to
+        run. (A coroutine of its own, finished before the handler starts, so that an idle
+        connection's task holds no frame of it.)"""
         in_hello = False
         try:
             if not await self._admit(conn, tls is not None):
-                return
+                return False
             self._apply_keepalive(conn)
             in_hello = True
             self._hello_started(conn)
@@ -153,17 +159,15 @@ class Lifecycle(Generic[F]):
             self._hello_ended(conn)
             in_hello = False
             if hello is None:
-                return
+                return False
             if not await self._open_session(conn, hello):
                 if hello.refusal is not None:
                     with anyio.move_on_after(1.0):
                         await conn.send(hello.refusal)
-                return
+                return False
             if hello.welcome is not None:
                 await conn.send(hello.welcome)
-            await self._serve_session(conn)
-        except BaseException as exc:
-            self._failed(conn, exc)
+            return True
         finally:
             if in_hello:
                 self._hello_ended(conn)
@@ -303,7 +307,9 @@ class Lifecycle(Generic[F]):
         self._emit(ConnectionOpened(identity, conn.peer, old is not None))
         return True
 
-    async def _serve_session(self, conn: Connection[F]) -> None:
+    def _session(self, conn: Connection[F]) -> Awaitable[None]:
+        """What serves the open session: the handler (with the ping loop beside it under a
+        heartbeat), returned to be awaited by the connection's own frame, one level less."""
         config = self._config
         if config.max_age is not None:
             # Spread the ends of connections that started together (gRPC does the same).
@@ -312,9 +318,8 @@ class Lifecycle(Generic[F]):
             )
         send_ping = self._send_ping
         if conn._pinger is None or send_ping is None:
-            await self._handler(conn)
-        else:
-            await self._handle_with_pings(conn, send_ping)
+            return self._handler(conn)
+        return self._handle_with_pings(conn, send_ping)
 
     async def _handle_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
         """The handler, with the connection's ping loop beside it."""

@@ -51,6 +51,24 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     handler suspended on it costs one future, not a chain of coroutine frames.
     """
 
+    # The native fields in slots: with the inherited ones they would pass the 30 keys an
+    # instance dictionary can share with its class, and every connection would get its own.
+    __slots__ = (
+        "_adapter",
+        "_cancelling",
+        "_drained",
+        "_end_kind",
+        "_gone",
+        "_loop",
+        "_lost",
+        "_paused",
+        "_queued",
+        "_task",
+        "_timer",
+        "_waiter",
+        "_wire",
+    )
+
     def __init__(
         self,
         framer: Framer[F],
@@ -111,10 +129,12 @@ class NativeConnection(Connection[F], asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._bytes_in += len(data)
+        frames: list[F] = []
         try:
-            frames = list(self._framer.feed(data))
+            # Extended one frame at a time: a generator framer's frames before its error stay.
+            frames.extend(self._framer.feed(data))
         except ProtocolError as exc:
-            frames = list(exc.frames)
+            frames.extend(exc.frames)
             self._error = exc
             # The framer is finished: nothing more is read.
             self._pause()

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from typing import TypeVar
 
 from .._anyio.connection import Connection
@@ -49,7 +50,7 @@ class NativeLifecycle(Lifecycle[F]):
             framer, on_event=self._emit, order=order, loop=loop
         )
         try:
-            await loop.connect_accepted_socket(lambda: conn, sock)
+            await loop.connect_accepted_socket(_factory(conn), sock)
         except BaseException:
             sock.close()  # the peer may be gone already; nothing was opened
             raise
@@ -58,10 +59,13 @@ class NativeLifecycle(Lifecycle[F]):
         conn._start(task)
         self._opened(conn)
         try:
-            await self._live(conn, None)
-        except asyncio.CancelledError:
-            if not conn._own_cancel():
-                raise
+            if await self._prelude(conn, None):
+                await self._session(conn)
+        except BaseException as exc:
+            # A close (or timeout) of the connection's own cancels its task: that ends the
+            # life like a cancel scope's end would, and goes no further.
+            if not (isinstance(exc, asyncio.CancelledError) and conn._own_cancel()):
+                self._failed(conn, exc)
         finally:
             reason = self._settled(conn)
             conn._close_now()
@@ -114,3 +118,8 @@ class NativeLifecycle(Lifecycle[F]):
             await self._handler(conn)
         finally:
             pings.cancel()
+
+
+def _factory(conn: NativeConnection[F]) -> Callable[[], NativeConnection[F]]:
+    # A closure of its own: a lambda in run_socket would keep a cell in the idle task's frame.
+    return lambda: conn
