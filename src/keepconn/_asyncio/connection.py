@@ -4,9 +4,9 @@ A :class:`NativeConnection` is a :class:`~keepconn.Connection` (same methods, sa
 same close rules) whose bytes come from ``data_received`` instead of an anyio stream. What an
 idle connection holds is the transport, this object, its framer and session, and the one
 suspended ``receive()`` future of its handler: no stream protocol with its queues and events,
-no send lock, no cancel scope. Reading goes on while the handler is busy until
-:data:`MAX_QUEUED` frames wait, then pauses, so the kernel holds the rest (and the reaper's
-FIONREAD question still finds them).
+no send lock, no cancel scope. Reading pauses while complete frames wait for a busy
+handler, as anyio's stream reads only when asked: the kernel holds the rest, and the reaper's
+FIONREAD question still finds them.
 """
 
 from __future__ import annotations
@@ -33,12 +33,10 @@ from .stream import NativeStream
 if TYPE_CHECKING:
     import socket
 
-__all__ = ["MAX_QUEUED", "NativeConnection"]
+__all__ = ["NativeConnection"]
 
 F = TypeVar("F")
 
-#: Frames that may wait for the handler before reading pauses (backpressure on the peer).
-MAX_QUEUED = 64
 #: Seconds a FIN close waits for the write buffer to reach the kernel before it aborts: a peer
 #: that reads nothing must not keep a closed connection's socket for ever.
 FLUSH_WAIT = 2.0
@@ -142,12 +140,15 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             self._showed_life()
             queued = self._queued
             if queued is None:
-                queued = self._queued = deque(frames)
+                self._queued = deque(frames)
             else:
                 queued.extend(frames)
-            if len(queued) >= MAX_QUEUED:
-                self._pause()
         self._wake()
+        if self._queued:
+            # Frames wait for a handler that is busy: read no more until it takes them, so
+            # the peer's further bytes wait in the kernel (TCP's own backpressure), where the
+            # reaper's FIONREAD question finds them if the handler stays busy past a deadline.
+            self._pause()
 
     def eof_received(self) -> bool:
         self._peer_closed = True
