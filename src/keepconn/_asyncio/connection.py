@@ -345,14 +345,21 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     def _close_gracefully(self, reason: CloseReason, grace: float, detail: str = "") -> None:
         if not self._begin_graceful(reason, grace, detail):
             return
+        if not self._write_eof():
+            self._cancel_task()
+
+    def _write_eof(self) -> bool:
+        """Send FIN once the write buffer has gone out (nothing queued is cut off); False if
+        the transport is closed already."""
         wire = self._wire
+        if wire is None or wire.is_closing():
+            return False
         try:
-            if wire is None or wire.is_closing():
-                raise RuntimeError("closed")
-            # Sent once the write buffer has gone out: nothing queued is cut off.
             wire.write_eof()
         except (OSError, RuntimeError):
-            self._cancel_task()
+            return False
+        self._eof_sent = True
+        return True
 
     def _close_now(self) -> None:
         """Close the transport: a RST for the dead and displaced (see ``_resets``), else a

@@ -10,8 +10,6 @@ import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from .._core.reasons import CloseReason
-
 if TYPE_CHECKING:
     from .connection import NativeConnection
 
@@ -32,7 +30,8 @@ class NativeStream(anyio.abc.ByteStream):
         raise anyio.BusyResourceError("reading: the connection's framer reads this socket")
 
     async def send_eof(self) -> None:
-        self._conn._close_gracefully(CloseReason.APPLICATION, 2.0)
+        # A half-close only, as anyio's: the connection's reason and life are its own.
+        self._conn._write_eof()
 
     async def aclose(self) -> None:
         self._conn.close()
