@@ -59,6 +59,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         "_gone",
         "_loop",
         "_lost",
+        "_on_served",
         "_paused",
         "_queued",
         "_task",
@@ -79,7 +80,8 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         # methods read are set here; the anyio ones (stream, send lock, scope) do not exist.
         self._loop = loop
         self._wire: asyncio.Transport | None = None
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Future[None] | None = None
+        self._on_served: Callable[[NativeConnection[F], asyncio.Future[None]], None] | None = None
         self._tls = None
         self._framer = framer
         self._queued: deque[F] | None = None
@@ -278,9 +280,24 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             self._session.touch(self._loop.time())
             self._spare_mark = None
 
-    def _start(self, task: asyncio.Task[None]) -> None:
-        """The task that runs this connection's life (cancelled by :meth:`_end`)."""
+    def _start(
+        self,
+        task: asyncio.Future[None],
+        served: Callable[[NativeConnection[F], asyncio.Future[None]], None] | None = None,
+    ) -> None:
+        """The task that runs this connection's life now (cancelled by :meth:`_end`), and
+        what to call when it is done, for the session's task (see :meth:`_served`)."""
+        pending = self._cancelling
         self._task = task
+        self._cancelling = False
+        self._on_served = served
+        if pending:
+            self._cancel_task()  # a close that came while the task was being handed over
+
+    def _served(self, task: asyncio.Future[None]) -> None:
+        # The session task's done callback (its one object is this bound method).
+        if self._on_served is not None:
+            self._on_served(self, task)
 
     def _end(self, reason: CloseReason, detail: str = "") -> None:
         self._record(reason, detail)

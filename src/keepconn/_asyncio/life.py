@@ -10,11 +10,14 @@ handler only while a heartbeat is configured, and the socket closes synchronousl
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import socket
 import ssl
 from collections.abc import Callable
 from typing import TypeVar
+
+import sniffio
 
 from .._anyio.connection import Connection
 from .._anyio.failures import Failure, failure_of
@@ -32,6 +35,10 @@ F = TypeVar("F")
 
 class NativeLifecycle(Lifecycle[F]):
     """A :class:`Lifecycle` that also runs native connections (:meth:`run_socket`)."""
+
+    #: The context the sessions' done callbacks run in: the server's, as its tasks' are.
+    _context: contextvars.Context | None = None
+    _on_served: Callable[[NativeConnection[F], asyncio.Future[None]], None] | None = None
 
     def start(self, sock: socket.socket, order: int) -> None:
         """Serve an accepted socket on a task of its own."""
@@ -58,18 +65,56 @@ class NativeLifecycle(Lifecycle[F]):
         assert task is not None
         conn._start(task)
         self._opened(conn)
+        handed_over = False
         try:
             if await self._prelude(conn, None):
-                await self._session(conn)
+                # The session gets a task whose coroutine is the handler's own: an idle
+                # connection then holds one suspended frame, not this one around it too.
+                if self._context is None or self._on_served is None:
+                    self._context = contextvars.copy_context()
+                    self._on_served = self._served  # one bound method for all connections
+                serving = asyncio.ensure_future(self._session(conn))
+                conn._start(serving, self._on_served)
+                serving.add_done_callback(conn._served, context=self._context)
+                handed_over = True
         except BaseException as exc:
-            # A close (or timeout) of the connection's own cancels its task: that ends the
-            # life like a cancel scope's end would, and goes no further.
-            if not (isinstance(exc, asyncio.CancelledError) and conn._own_cancel()):
-                self._failed(conn, exc)
+            self._ended_by(conn, exc)
         finally:
-            reason = self._settled(conn)
-            conn._close_now()
-            self._account(conn, reason)
+            if not handed_over:
+                self._finish_now(conn)
+
+    def _ended_by(self, conn: NativeConnection[F], exc: BaseException) -> None:
+        # A close (or timeout) of the connection's own cancels its task: that ends the life
+        # like a cancel scope's end would, and goes no further.
+        if not (isinstance(exc, asyncio.CancelledError) and conn._own_cancel()):
+            self._failed(conn, exc)
+
+    def _served(self, conn: NativeConnection[F], task: asyncio.Future[None]) -> None:
+        """The session's task is done (a done callback, outside any task): account for its
+        end as the task would have."""
+        previous = sniffio.thread_local.name
+        # anyio's clock and cancellation class are asked of the running library, which a
+        # callback outside a task leaves sniffio unable to tell.
+        sniffio.thread_local.name = "asyncio"
+        try:
+            if task.cancelled():
+                self._ended_by(conn, asyncio.CancelledError())
+            else:
+                exc = task.exception()
+                if exc is not None:
+                    self._ended_by(conn, exc)
+        except asyncio.CancelledError:
+            pass  # cancelled from outside (the loop going away): recorded as SHUTDOWN
+        finally:
+            try:
+                self._finish_now(conn)
+            finally:
+                sniffio.thread_local.name = previous
+
+    def _finish_now(self, conn: NativeConnection[F]) -> None:
+        reason = self._settled(conn)
+        conn._close_now()
+        self._account(conn, reason)
 
     def abort_native(self) -> None:
         """End every native connection now (the server is going away without a drain)."""

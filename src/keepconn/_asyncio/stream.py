@@ -4,23 +4,34 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-if TYPE_CHECKING:
-    from .connection import NativeConnection
-
 __all__ = ["NativeStream"]
+
+
+class _Carrier(Protocol):
+    """What the stream needs of its connection (a NativeConnection)."""
+
+    peer: Any
+
+    async def send(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def raw_socket(self) -> socket.socket: ...
+
+    def _write_eof(self) -> bool: ...
 
 
 class NativeStream(anyio.abc.ByteStream):
     """Writes go through the connection (so its close rules hold); reading is the connection's
     own business (its framer has the bytes), so :meth:`receive` refuses. Made on first use."""
 
-    def __init__(self, conn: NativeConnection[Any]) -> None:
+    def __init__(self, conn: _Carrier) -> None:
         self._conn = conn
 
     async def send(self, item: bytes) -> None:
