@@ -10,7 +10,8 @@ each ``PING`` with ``PONG`` and nothing else. Run by benchmarks/runtime.py::
 * ``anyio``: an anyio listener, one task per connection reading lines with a
   ``BufferedByteReceiveStream``: the floor of anything built on anyio;
 * ``keepconn``: ``keepconn.Server`` with ``LineFramer``; identify reads ``HELLO <id>``, the
-  handler answers PING; ``ServerConfig(admission=None, flapping=None, idle_timeout=60)``.
+  handler answers PING; ``ServerConfig(admission=None, flapping=None, idle_timeout=60)``;
+  on asyncio and uvloop the native transport unless ``--transport anyio``.
 
 Each prints ``listening on HOST:PORT`` once it accepts connections, runs the loop-lag probe on
 its own loop and the control thread of benchmarks/runtime_probe.py (port from the environment),
@@ -129,18 +130,19 @@ async def handler(conn: Connection[bytes]) -> None:
             await conn.send(b"PONG\n")
 
 
-def keepconn_server() -> Server[bytes]:
-    """The keepconn server measured: nothing between accept and session but the hello."""
+def keepconn_server(transport: str = "auto") -> Server[bytes]:
+    """The keepconn server measured: nothing between accept and session but the hello.
+    ``transport`` "anyio" keeps asyncio on anyio streams (the native transport's before)."""
     return Server(
         identify=identify,
         handler=handler,
         framer=lambda: LineFramer(max_length=MAX_LINE),
-        config=ServerConfig(admission=None, flapping=None, idle_timeout=60),
+        config=ServerConfig(admission=None, flapping=None, idle_timeout=60, transport=transport),
     )
 
 
-async def serve_keepconn(host: str, port: int) -> None:
-    server = keepconn_server()
+async def serve_keepconn(host: str, port: int, transport: str = "auto") -> None:
+    server = keepconn_server(transport)
     async with anyio.create_task_group() as tasks:
         tasks.start_soon(runtime_probe.lag_loop, anyio.sleep)
         addresses = await tasks.start(server.serve_tcp, host, port)
@@ -157,6 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--transport", choices=("auto", "anyio"), default="auto", help="keepconn's")
     args = p.parse_args(argv)
     runtime_probe.start_from_env()
     if args.kind == "protocol":
@@ -164,10 +167,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             p.error("the Protocol server runs on asyncio only")
         asyncio.run(serve_protocol(args.host, args.port))
         return 0
-    serve = serve_anyio if args.kind == "anyio" else serve_keepconn
     backend = "trio" if args.backend == "trio" else "asyncio"
     options: dict[str, Any] = {"use_uvloop": True} if args.backend == "uvloop" else {}
-    anyio.run(serve, args.host, args.port, backend=backend, backend_options=options)
+    if args.kind == "anyio":
+        anyio.run(serve_anyio, args.host, args.port, backend=backend, backend_options=options)
+    else:
+        anyio.run(
+            serve_keepconn,
+            args.host,
+            args.port,
+            args.transport,
+            backend=backend,
+            backend_options=options,
+        )
     return 0
 
 

@@ -70,6 +70,13 @@ CONTENDERS = (
         "keepconn-asyncio", "keepconn.Server, LineFramer, asyncio", "lines", "line", ("keepconn",)
     ),
     Contender(
+        "keepconn-asyncio-anyio",
+        "keepconn.Server, LineFramer, asyncio, anyio transport",
+        "lines",
+        "line",
+        ("keepconn", "--transport", "anyio"),
+    ),
+    Contender(
         "keepconn-uvloop",
         "keepconn.Server, LineFramer, uvloop",
         "lines",

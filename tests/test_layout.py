@@ -20,7 +20,7 @@ PACKAGE = SRC / "keepconn"
 IO_AND_TIME = {"anyio", "trio", "asyncio", "socket", "select", "selectors", "ssl", "threading"}
 IO_AND_TIME |= {"time", "os", "subprocess", "uvloop", "sniffio"}
 #: The only places that may import anyio (or an event loop directly).
-ANYIO_HOMES = ("keepconn._anyio", "keepconn.client", "keepconn.testing")
+ANYIO_HOMES = ("keepconn._anyio", "keepconn._asyncio", "keepconn.client", "keepconn.testing")
 MAX_LINES = 500
 
 

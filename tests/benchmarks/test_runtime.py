@@ -25,6 +25,7 @@ SERVERS = [
     "anyio-asyncio",
     "anyio-trio",
     "keepconn-asyncio",
+    "keepconn-asyncio-anyio",
     "keepconn-uvloop",
     "keepconn-trio",
     "gateway",

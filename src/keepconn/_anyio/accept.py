@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import anyio
-import anyio.abc
 
 from .failures import errno_of
 
@@ -30,21 +30,24 @@ GONE_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM})
 #: Seconds to wait after an accept() that failed for want of a resource.
 PAUSE = 0.1
 
+T = TypeVar("T")
+
 
 async def accept_forever(
-    listener: anyio.abc.SocketListener,
-    spawn: Callable[[anyio.abc.SocketStream], None],
+    accept: Callable[[], Awaitable[T]],
+    spawn: Callable[[T], None],
     *,
     stopping: anyio.Event,
     failed: Callable[[], None],
 ) -> None:
-    """Accept connections and ``spawn(stream)`` each, until the listener closes.
+    """Accept connections with ``accept()`` (a listener's: an anyio stream, or the native
+    transport's bare socket) and ``spawn`` each, until the listener closes.
 
     ``failed()`` counts each accept() that failed for a reason other than a vanished peer.
     """
     while True:
         try:
-            stream = await listener.accept()
+            accepted = await accept()
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
             if isinstance(exc, anyio.ClosedResourceError) or stopping.is_set():
                 return
@@ -62,4 +65,4 @@ async def accept_forever(
                 logger.error("accept failed unexpectedly: %r; pausing", exc)
             await anyio.sleep(PAUSE)
             continue
-        spawn(stream)
+        spawn(accepted)

@@ -219,7 +219,7 @@ class Connection(StreamConnection[F, CloseReason]):
                 reason = CloseReason.SHUTDOWN
             elif self._peer_closed:
                 reason = CloseReason.PEER_CLOSED
-            elif self._scope.cancelled_caught:
+            elif self._aged_out():
                 # Nothing but max_age puts a deadline on a connection's scope outside shutdown.
                 reason = CloseReason.MAX_AGE
             else:
@@ -227,6 +227,14 @@ class Connection(StreamConnection[F, CloseReason]):
             self._record(reason)
         assert self._reason is not None
         return self._reason
+
+    def _aged_out(self) -> bool:
+        """Whether the connection's own scope ended it (max_age) without a reason."""
+        return self._scope.cancelled_caught
+
+    def _cancel_requested(self) -> bool:
+        """Whether something already asked this connection to end (close, a deadline)."""
+        return self._scope.cancel_called
 
     def _peer_gone(self) -> bool:
         """Whether the kernel already knows the peer closed or reset the connection."""

@@ -132,44 +132,56 @@ class Lifecycle(Generic[F]):
             on_event=self._emit,
             order=order,
         )
-        if not self.connections:
-            self.idle = anyio.Event()
-        self.connections.add(conn)
-        in_hello = False
+        self._opened(conn)
         try:
             with conn._scope:
                 try:
-                    if not await self._admit(conn, tls is not None):
-                        return
-                    self._apply_keepalive(conn)
-                    in_hello = True
-                    self._hello_started(conn)
-                    hello = await self._hello(conn, tls)
-                    self._hello_ended(conn)
-                    in_hello = False
-                    if hello is None:
-                        return
-                    opened, welcomed = await self._open_session(conn, hello)
-                    if not opened:
-                        # One answer to a hello: none more once the welcome went out.
-                        if hello.refusal is not None and not welcomed:
-                            with anyio.move_on_after(1.0):
-                                await conn.send(hello.refusal)
-                        return
-                    welcome, hello = hello.welcome, None  # not kept for the connection's life
-                    if welcome is not None and not welcomed:
-                        await conn.send(welcome)
-                    await self._serve_session(conn)
+                    if await self._prelude(conn, tls):
+                        await self._session(conn)
                 except BaseException as exc:
                     self._failed(conn, exc)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish(conn)
+
+    def _opened(self, conn: Connection[F]) -> None:
+        if not self.connections:
+            self.idle = anyio.Event()
+        self.connections.add(conn)
+
+    async def _prelude(self, conn: Connection[F], tls: ssl.SSLContext | None) -> bool:
+        """Admission, hello, the session's opening and its welcome: True if the handler is to
+        run. (A coroutine of its own, finished before the handler starts, so that an idle
+        connection's task holds no frame of it.)"""
+        in_hello = False
+        try:
+            if not await self._admit(conn, tls is not None):
+                return False
+            self._apply_keepalive(conn)
+            in_hello = True
+            self._hello_started(conn)
+            hello = await self._hello(conn, tls)
+            self._hello_ended(conn)
+            in_hello = False
+            if hello is None:
+                return False
+            opened, welcomed = await self._open_session(conn, hello)
+            if not opened:
+                # One answer to a hello: none more once the welcome went out.
+                if hello.refusal is not None and not welcomed:
+                    with anyio.move_on_after(1.0):
+                        await conn.send(hello.refusal)
+                return False
+            welcome, hello = hello.welcome, None  # not kept for the connection's life
+            if welcome is not None and not welcomed:
+                await conn.send(welcome)
+            return True
         finally:
             if in_hello:
                 self._hello_ended(conn)
                 reason = conn.reason
                 if reason is not None:
                     self._gate.record_hello_aborted(conn.host, anyio.current_time(), reason)
-            with anyio.CancelScope(shield=True):
-                await self._finish(conn)
 
     def _failed(self, conn: Connection[F], exc: BaseException) -> None:
         """Give the connection the reason ``exc`` stands for; re-raise what is not ours."""
@@ -180,7 +192,7 @@ class Lifecycle(Generic[F]):
             # Only cancellation. From outside (the task running serve(), Ctrl-C) it means the
             # server is going away; this connection's own scope (close, max_age) has its reason
             # already or gets it when it settles.
-            if conn.reason is None and not conn._scope.cancel_called:
+            if conn.reason is None and not conn._cancel_requested():
                 conn._record(CloseReason.SHUTDOWN)
             raise exc
         # Errors, perhaps beside a cancellation in one group (trio reports a reset seen by the
@@ -354,7 +366,9 @@ class Lifecycle(Generic[F]):
         self._emit(ConnectionOpened(identity, conn.peer, old is not None))
         return None
 
-    def _serve_session(self, conn: Connection[F]) -> Awaitable[None]:
+    def _session(self, conn: Connection[F]) -> Awaitable[None]:
+        """What serves the open session: the handler (with the ping loop beside it under a
+        heartbeat), returned to be awaited by the connection's own frame, one level less."""
         config = self._config
         if config.max_age is not None:
             # Spread the ends of connections that started together (gRPC does the same).
@@ -363,11 +377,11 @@ class Lifecycle(Generic[F]):
             )
         send_ping = self._send_ping
         if conn._pinger is None or send_ping is None:
-            # The handler's own coroutine, awaited by run() itself: no frame in between.
             return self._handler(conn)
-        return self._serve_with_pings(conn, send_ping)
+        return self._handle_with_pings(conn, send_ping)
 
-    async def _serve_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
+    async def _handle_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
+        """The handler, with the connection's ping loop beside it."""
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(conn._ping_loop, send_ping, self._dead)
             await self._handler(conn)
@@ -399,11 +413,21 @@ class Lifecycle(Generic[F]):
 
     async def _finish(self, conn: Connection[F]) -> None:
         """Close the socket and account for the close, exactly once per connection."""
+        reason = self._settled(conn)
+        await conn._close_socket()
+        self._account(conn, reason)
+
+    def _settled(self, conn: Connection[F]) -> CloseReason:
+        """The connection's final reason, its session closed with it."""
         reason = conn._settle(self._stopping.is_set())
         session = conn.session
         if session is not None and session.reason is None:
             self._registry.close(session, reason)
-        await conn._close_socket()
+        return reason
+
+    def _account(self, conn: Connection[F], reason: CloseReason) -> None:
+        """Count, log and announce a close whose socket is closed."""
+        session = conn.session
         self.connections.discard(conn)
         if not self.connections:
             self.idle.set()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import socket
 import ssl
 import threading
 from collections import Counter
@@ -23,6 +24,8 @@ import anyio.from_thread
 import anyio.lowlevel
 from anyio.abc import SocketAttribute
 
+from .._asyncio.life import NativeLifecycle
+from .._asyncio.listener import NativeListener, native_listener
 from .._core.admission import AdmissionController
 from .._core.config import Hello, ServerConfig
 from .._core.errors import ConfigError
@@ -34,7 +37,7 @@ from .._core.reasons import CloseReason
 from .._core.registry import Session, SessionRegistry
 from .accept import accept_forever
 from .connection import Connection
-from .life import Lifecycle, Refuse
+from .life import Refuse
 from .reaper import reap_forever
 from .shutdown import drain
 from .tls import check_server_context
@@ -117,7 +120,7 @@ class Server(Generic[F]):
         )
         self._gate = Gatekeeper(self.registry, self.admission, self.flapping, self.address_flapping)
         self._stopping = anyio.Event()
-        self._lives = Lifecycle(
+        self._lives = NativeLifecycle(
             config=config,
             gate=self._gate,
             identify=identify,
@@ -202,7 +205,8 @@ class Server(Generic[F]):
         found: list[anyio.abc.SocketListener] = []
         for listener in given:
             found.extend(getattr(listener, "listeners", [listener]))
-        self._listeners = found
+        # On asyncio and uvloop, plain TCP is carried by the native transport (keepconn._asyncio)
+        self._listeners = [native_listener(listener, self.config, tls) for listener in found]
         self._serving = True
         self._loop = (threading.get_ident(), anyio.lowlevel.current_token())
         config = self.config
@@ -258,7 +262,25 @@ class Server(Generic[F]):
         def failed() -> None:
             self._accept_errors += 1
 
-        await accept_forever(listener, spawn, stopping=self._stopping, failed=failed)
+        if not isinstance(listener, NativeListener):
+            await accept_forever(listener.accept, spawn, stopping=self._stopping, failed=failed)
+            return
+
+        def start(sock: socket.socket) -> None:
+            self._accepted += 1
+            self._lives.start(sock, self._accepted)
+
+        try:
+            await accept_forever(
+                listener.accept_socket, start, stopping=self._stopping, failed=failed
+            )
+        except anyio.get_cancelled_exc_class():
+            # Native connections run outside the task group: when the server is cancelled
+            # rather than drained, they are ended here, and given a moment to close.
+            self._lives.abort_native()
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                await self._lives.idle.wait()
+            raise
 
     async def _reap(self) -> None:
         lives = self._lives

@@ -1,0 +1,170 @@
+"""A native connection's life: the same steps as :class:`~keepconn._anyio.life.Lifecycle`
+(admission, hello, session, handler, the one close), on a plain asyncio task.
+
+What differs is only how time and ends are carried out: the hello timeout, max_age and a
+graceful close's grace are loop timers that close the connection, a close cancels the task
+(which its life swallows, as a cancel scope would), the ping loop is a task beside the
+handler only while a heartbeat is configured, and the socket closes synchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import TypeVar
+
+import sniffio
+
+from .._anyio.connection import Connection
+from .._anyio.failures import Failure, failure_of
+from .._anyio.life import Callback, Lifecycle
+from .._core.config import Hello
+from .._core.reasons import CloseReason
+from .connection import NativeConnection
+
+__all__ = ["NativeLifecycle"]
+
+logger = logging.getLogger("keepconn.server")
+
+F = TypeVar("F")
+
+
+class NativeLifecycle(Lifecycle[F]):
+    """A :class:`Lifecycle` that also runs native connections (:meth:`run_socket`)."""
+
+    #: The context the sessions' done callbacks run in: the server's, as its tasks' are.
+    _context: contextvars.Context | None = None
+    _on_served: Callable[[NativeConnection[F], asyncio.Future[None]], None] | None = None
+
+    def start(self, sock: socket.socket, order: int) -> None:
+        """Serve an accepted socket on a task of its own."""
+        asyncio.get_running_loop().create_task(self.run_socket(sock, order))
+
+    async def run_socket(self, sock: socket.socket, order: int) -> None:
+        """Serve one accepted socket until it closes (see :meth:`Lifecycle.run`)."""
+        loop = asyncio.get_running_loop()
+        try:
+            framer = self._framer()
+        except Exception:
+            logger.exception("framer factory failed; closing the new connection")
+            sock.close()
+            return
+        conn: NativeConnection[F] = NativeConnection(
+            framer, on_event=self._emit, order=order, loop=loop
+        )
+        try:
+            await loop.connect_accepted_socket(_factory(conn), sock)
+        except BaseException:
+            sock.close()  # the peer may be gone already; nothing was opened
+            raise
+        task = asyncio.current_task()
+        assert task is not None
+        conn._start(task)
+        self._opened(conn)
+        handed_over = False
+        try:
+            if await self._prelude(conn, None):
+                # The session gets a task whose coroutine is the handler's own: an idle
+                # connection then holds one suspended frame, not this one around it too.
+                if self._context is None or self._on_served is None:
+                    self._context = contextvars.copy_context()
+                    self._on_served = self._served  # one bound method for all connections
+                serving = asyncio.ensure_future(self._session(conn))
+                conn._start(serving, self._on_served)
+                serving.add_done_callback(conn._served, context=self._context)
+                handed_over = True
+        except BaseException as exc:
+            self._ended_by(conn, exc)
+        finally:
+            if not handed_over:
+                self._finish_now(conn)
+
+    def _ended_by(self, conn: NativeConnection[F], exc: BaseException) -> None:
+        # A close (or timeout) of the connection's own cancels its task: that ends the life
+        # like a cancel scope's end would, and goes no further.
+        if not (isinstance(exc, asyncio.CancelledError) and conn._own_cancel()):
+            self._failed(conn, exc)
+
+    def _served(self, conn: NativeConnection[F], task: asyncio.Future[None]) -> None:
+        """The session's task is done (a done callback, outside any task): account for its
+        end as the task would have."""
+        previous = sniffio.thread_local.name
+        # anyio's clock and cancellation class are asked of the running library, which a
+        # callback outside a task leaves sniffio unable to tell.
+        sniffio.thread_local.name = "asyncio"
+        try:
+            if task.cancelled():
+                self._ended_by(conn, asyncio.CancelledError())
+            else:
+                exc = task.exception()
+                if exc is not None:
+                    self._ended_by(conn, exc)
+        except asyncio.CancelledError:
+            pass  # cancelled from outside (the loop going away): recorded as SHUTDOWN
+        finally:
+            try:
+                self._finish_now(conn)
+            finally:
+                sniffio.thread_local.name = previous
+
+    def _finish_now(self, conn: NativeConnection[F]) -> None:
+        reason = self._settled(conn)
+        conn._close_now()
+        self._account(conn, reason)
+
+    def abort_native(self) -> None:
+        """End every native connection now (the server is going away without a drain)."""
+        for conn in list(self.connections):
+            if isinstance(conn, NativeConnection):
+                conn.close(CloseReason.SHUTDOWN)
+
+    # -- the steps that differ
+
+    async def _hello(self, conn: Connection[F], tls: ssl.SSLContext | None) -> Hello | None:
+        if not isinstance(conn, NativeConnection):
+            return await super()._hello(conn, tls)
+        conn._end_at(conn._loop.time() + self._config.hello_timeout, CloseReason.HELLO_TIMEOUT)
+        try:
+            hello = await self._identify(conn)
+        except asyncio.CancelledError:
+            if conn.reason is CloseReason.HELLO_TIMEOUT and conn._own_cancel():
+                return None
+            raise
+        finally:
+            conn._cancel_timer()
+        if not isinstance(hello, Hello):
+            raise TypeError(f"identify must return a Hello, got {hello!r}")
+        return hello
+
+    async def _handle_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
+        if not isinstance(conn, NativeConnection):
+            await super()._handle_with_pings(conn, send_ping)
+            return
+        native: NativeConnection[F] = conn
+        pings = asyncio.get_running_loop().create_task(conn._ping_loop(send_ping, self._dead))
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            error = task.exception()
+            assert error is not None
+            failure, detail = failure_of(error)
+            if failure is Failure.OTHER:
+                logger.error("ping for %r failed", native, exc_info=error)
+            native._record_failure(failure, detail)
+            native._cancel_task()
+
+        pings.add_done_callback(ended)
+        try:
+            await self._handler(conn)
+        finally:
+            pings.cancel()
+
+
+def _factory(conn: NativeConnection[F]) -> Callable[[], NativeConnection[F]]:
+    # A closure of its own: a lambda in run_socket would keep a cell in the idle task's frame.
+    return lambda: conn
