@@ -75,6 +75,7 @@ from device_gateway.sink import Recorder, SQLiteSink
 from device_gateway.status import Metrics, serve_metrics, serve_status
 from device_gateway.topics import topic_matches
 from device_gateway.users import CONVERT_HINT, passwd_main
+from device_gateway.workers import for_worker, supervise
 from keepconn import AdmissionConfig, FlappingConfig, ServerConfig
 from keepconn.tcp import TcpKeepalive
 
@@ -187,6 +188,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="address of the status page; it has no authentication, so keep it on loopback",
     )
+    p.add_argument(
+        "--workers",
+        type=pos_i,
+        default=1,
+        help="gateway processes sharing --port with SO_REUSEPORT; each gets its own --data, "
+        "--status-port and --node-id (README: 'Several processes')",
+    )
+    p.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="bind --port with SO_REUSEPORT, so that other gateways may share it",
+    )
+    # Set by the --workers supervisor on each worker's command line, not by hand.
+    p.add_argument("--worker-index", type=pos_i, default=None, help=argparse.SUPPRESS)
     p.add_argument(
         "--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio", help="event loop"
     )
@@ -324,7 +339,10 @@ async def run(args: argparse.Namespace) -> int:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             listener = await anyio.create_tcp_listener(
-                local_host=args.host or None, local_port=args.port, backlog=4096
+                local_host=args.host or None,
+                local_port=args.port,
+                backlog=4096,
+                reuse_port=args.reuse_port,
             )
             status_listener = None
             if args.status_port:
@@ -403,9 +421,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["passwd"]:
         return passwd_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.worker_index is not None:
+        for_worker(args)
+    worker = "" if args.worker_index is None else f"[w{args.worker_index}] "
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {worker}%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
@@ -422,6 +443,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and args.worker_index is None:
+        return supervise(args, argv)
     backend = "trio" if args.backend == "trio" else "asyncio"
     options: dict[str, Any] = {"use_uvloop": True} if args.backend == "uvloop" else {}
     result: int = anyio.run(run, args, backend=backend, backend_options=options)
