@@ -36,6 +36,7 @@ from .._core.heartbeat import Pinger, PingPolicer
 from .._core.opening import Gatekeeper, Refusal
 from .._core.reasons import CloseReason
 from .._core.registry import Session
+from .cluster import ClusterNode
 from .connection import Connection
 from .failures import Failure, errors_in, first_failure
 
@@ -66,6 +67,7 @@ class Lifecycle(Generic[F]):
         emit: Callable[[ServerEvent], None],
         stopping: anyio.Event,
         rng: random.Random,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self._config = config
         self._gate = gate
@@ -78,6 +80,7 @@ class Lifecycle(Generic[F]):
         self._emit = emit
         self._stopping = stopping
         self._rng = rng
+        self._cluster = cluster
         #: The open connections, hello phase included.
         self.connections: set[Connection[F]] = set()
         #: Set whenever no connection is open (shutdown waits on it).
@@ -145,7 +148,8 @@ class Lifecycle(Generic[F]):
                     if hello is None:
                         return
                     if not await self._open_session(conn, hello):
-                        if hello.refusal is not None:
+                        # A hello that lost a cluster claim is a takeover, not a refusal.
+                        if hello.refusal is not None and conn.reason is not CloseReason.TAKEN_OVER:
                             with anyio.move_on_after(1.0):
                                 await conn.send(hello.refusal)
                         return
@@ -263,6 +267,14 @@ class Lifecycle(Generic[F]):
             return False
         now = anyio.current_time()
         identity = hello.identity
+        cluster = self._cluster
+        if cluster is not None:
+            hint = cluster.admit()
+            if hint is not None:
+                # Without the store no node can prove it owns the identity: refuse at once.
+                refusal = Refusal(CloseReason.OVERLOADED, "cluster store unreachable", hint)
+                await self._refuse_connection(conn, refusal, None if hello.refusal else hint)
+                return False
         # Synchronous from the verdict to the open: no other task can interleave, so of any
         # number of concurrent hellos for one identity exactly one session is live afterwards.
         verdict = self._gate.open_session(now, identity, conn, timeout=hello.timeout)
@@ -292,6 +304,16 @@ class Lifecycle(Generic[F]):
             old_conn: Connection[F] = old.conn
             old_conn.close(CloseReason.TAKEN_OVER, f"by {conn.peer!r}")
             self._emit(SessionTakenOver(identity, old_conn.peer, conn.peer))
+        if cluster is not None:
+            # Local first, then the store: of local hellos the Gatekeeper chose one already;
+            # across nodes the claim's epoch decides (see _core/ownership.py).
+            lost = await cluster.claim(conn)
+            if lost is not None:
+                detail = "cluster store unreachable" if lost is CloseReason.OVERLOADED else ""
+                conn._record(lost, detail or "a later claim on another node won")
+                return False
+            if conn.reason is not None:
+                return False  # closed while its claim was in flight (taken over, shutdown)
         self._emit(ConnectionOpened(identity, conn.peer, old is not None))
         return True
 
@@ -341,6 +363,8 @@ class Lifecycle(Generic[F]):
         session = conn.session
         if session is not None and session.reason is None:
             self._registry.close(session, reason)
+        if session is not None and self._cluster is not None:
+            self._cluster.closed(conn)
         await conn._close_socket()
         self.connections.discard(conn)
         if not self.connections:
