@@ -14,8 +14,9 @@ What each worker gets of its own, derived from the command line (I = 1..N):
 * ``--node-id NAME`` becomes ``NAME-wI`` (the default, host and pid, differs anyway).
 
 The supervisor (this module) relays each worker's output prefixed ``worker I:``, prints
-``listening on HOST:PORT`` once every worker is listening, forwards SIGINT and SIGTERM to each
-worker by pid and exits once they all have, with the worst exit status. A worker that dies is
+``N workers ready`` and then ``listening on HOST:PORT`` once every worker is listening,
+forwards SIGINT and SIGTERM to each worker by pid and exits once they all have (status 1 if
+any did not exit 0). A worker that dies is
 logged and not restarted (a supervisor such as systemd restarts the whole unit).
 """
 
@@ -84,10 +85,10 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
         assert proc.stdout is not None
         told = False
         for line in proc.stdout:
+            print(f"worker {index}: {line}", end="", flush=True)
             if not told and line.startswith("listening on "):
                 told = True
                 ready.release()
-            print(f"worker {index}: {line}", end="", flush=True)
         if not told:
             ready.release()  # the supervisor's wait ends; it sees the exit code
 
@@ -118,7 +119,8 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
         else:
             host = args.host or "0.0.0.0"
             shown = f"[{host}]" if ":" in host else host
-            print(f"listening on {shown}:{port} ({len(procs)} workers)", flush=True)
+            print(f"{len(procs)} workers ready", flush=True)
+            print(f"listening on {shown}:{port}", flush=True)
         reserved.close()
         statuses = [_wait(proc, stopping, index) for index, proc in enumerate(procs, 1)]
     finally:
