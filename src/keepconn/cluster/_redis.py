@@ -43,8 +43,9 @@ _FAILURES: tuple[type[BaseException], ...] = (
 
 
 def _store_failure(exc: BaseException) -> bool:
-    """True if ``exc`` (or every non-cancellation member of its groups: coredis raises from
-    task groups) is the store failing, not a bug or a cancellation."""
+    """True if ``exc`` (or every member of its groups but cancellations: coredis raises from
+    task groups) is the store failing, not a bug. A cancellation beside it is not lost: the
+    caller's next checkpoint raises it again, its scope being cancelled still."""
     cancelled = anyio.get_cancelled_exc_class()
     found = False
     pending = [exc]
@@ -54,7 +55,7 @@ def _store_failure(exc: BaseException) -> bool:
         if isinstance(members, tuple):
             pending.extend(m for m in members if isinstance(m, BaseException))
         elif isinstance(item, cancelled):
-            return False
+            continue
         elif isinstance(item, _FAILURES) or isinstance(item, anyio.BrokenResourceError):
             found = True
         elif isinstance(item, anyio.ClosedResourceError):
@@ -249,7 +250,9 @@ class RedisCluster:
                     on_subscribed()
                     async for message in pubsub:
                         self._notice(message, on_notice)
-            except Exception as exc:
+            except BaseException as exc:
+                # A group of cancellations and the connection's errors (coredis's cleanup as
+                # it is cancelled) is dropped: the sleep below raises the cancellation anew.
                 if not _store_failure(exc):
                     raise
                 logger.info("cluster: subscription lost (%s); resubscribing", exc)
