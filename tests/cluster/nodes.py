@@ -26,6 +26,8 @@ class Node:
     port: int
     store: RedisCluster
     events: list[ServerEvent]
+    #: (anyio.current_time(), event) of every event.
+    timed_events: list[tuple[float, ServerEvent]]
 
     def live(self) -> list[Any]:
         """This node's connections with a live session."""
@@ -47,6 +49,16 @@ async def cluster(
         try:
             for i in range(count):
                 events: list[ServerEvent] = []
+                timed: list[tuple[float, ServerEvent]] = []
+
+                def record(
+                    event: ServerEvent,
+                    events: list[ServerEvent] = events,
+                    timed: list[tuple[float, ServerEvent]] = timed,
+                ) -> None:
+                    events.append(event)
+                    timed.append((anyio.current_time(), event))
+
                 store = RedisCluster(redis.url, ClusterConfig(node_id=f"n{i}", **cluster_options))
                 server: Server[bytes] = Server(
                     identify=lineapp.identify,
@@ -56,7 +68,7 @@ async def cluster(
                     send_ping=lineapp.send_ping,
                     goodbye=lineapp.goodbye,
                     refuse=lineapp.refuse,
-                    on_event=events.append,
+                    on_event=record,
                     cluster=store,
                 )
                 addresses = await tasks.start(
@@ -64,7 +76,7 @@ async def cluster(
                         "127.0.0.1", 0, task_status=task_status
                     )
                 )
-                nodes.append(Node(f"n{i}", server, addresses[0][1], store, events))
+                nodes.append(Node(f"n{i}", server, addresses[0][1], store, events, timed))
             # Each node's first renewal makes its lease; hellos are refused until then.
             with anyio.fail_after(slack(5)):
                 while not all(_healthy(node) for node in nodes):

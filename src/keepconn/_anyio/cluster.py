@@ -167,7 +167,11 @@ class ClusterNode:
             await anyio.sleep(max(0.0, sent + self.config.renew_interval - anyio.current_time()))
 
     async def _listen_forever(self) -> None:
-        await self.store.listen(self._on_notice, self._reconcile_wanted.set)
+        await self.store.listen(self._on_notice, self._want_reconcile)
+
+    def _want_reconcile(self) -> None:
+        # Looked up at each call: the event is replaced after every reconciliation.
+        self._reconcile_wanted.set()
 
     def _on_notice(self, key: str, epoch: int, by: str) -> None:
         conn = self._core().notice(key, epoch)

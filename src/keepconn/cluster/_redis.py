@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -92,6 +93,8 @@ class RedisCluster:
         self._client: coredis.Redis[str] | None = None
         self._stats: Callable[[], ClusterStats | None] | None = None
         self._scripts: dict[str, Any] = {}
+        # The store's clock minus ours (microseconds), measured at each renewal.
+        self._offset_us: int | None = None
 
     @property
     def config(self) -> ClusterConfig:
@@ -167,18 +170,31 @@ class RedisCluster:
     async def renew(self) -> bool:
         """Renew this node's lease; False if it was gone (made anew)."""
         ttl_ms = int(self._config.node_ttl * 1000)
-        existed = await self._script("renew", [self._lease], [ttl_ms, self.node_id])
+        sent = time.time()
+        existed, seconds, micros = await self._script(
+            "renew", [self._lease], [ttl_ms, self.node_id]
+        )
+        # The store's clock against ours, to within half a round trip: claims carry deadlines
+        # in the store's time, so this node's clock need not agree with the store's.
+        store_us = int(seconds) * 1_000_000 + int(micros)
+        self._offset_us = store_us - int((sent + time.time()) / 2 * 1_000_000)
         return bool(int(existed))
 
     async def claim(self, key: str, host: str) -> Claim:
         """Claim ``key`` for this node, telling the previous owner (one round trip)."""
         prefix = self._prefix
+        if self._offset_us is None:
+            raise StoreUnavailable("claim: the store's clock is not known yet (no renewal)")
+        deadline = int(time.time() * 1_000_000) + self._offset_us
+        deadline += int(self._config.store_timeout * 1_000_000)
         reply = await self._script(
             "claim",
             [f"{prefix}:owner:{key}", f"{prefix}:hits:{key}"],
-            [self.node_id, host, prefix, _HITS_WINDOW_MS, key],
+            [self.node_id, host, prefix, _HITS_WINDOW_MS, key, deadline],
         )
         epoch, previous, previous_host, recent = reply
+        if epoch == "0":
+            raise StoreUnavailable("claim: reached the store after its deadline (a stall)")
         return Claim(
             epoch=int(epoch),
             previous_node=previous or None,
