@@ -95,6 +95,7 @@ class ClusterNode:
         self._release_wanted = anyio.Event()
         self._reconcile_wanted = anyio.Event()
         self._woken = anyio.Event()
+        self._inflight: dict[str, anyio.Event] = {}
         self._running = False
         store.attach(self.stats)
 
@@ -153,9 +154,9 @@ class ClusterNode:
                 self._woken.set()
                 await anyio.sleep(_RETRY)
                 continue
-            was_healthy = core.healthy
+            recovered = core.errors > 0 and not core.healthy
             reassert = core.renewed(sent, existed)
-            if not was_healthy:
+            if recovered:
                 logger.warning("cluster: store reachable again")
             self._woken.set()
             if reassert:
@@ -166,7 +167,11 @@ class ClusterNode:
             await anyio.sleep(max(0.0, sent + self.config.renew_interval - anyio.current_time()))
 
     async def _listen_forever(self) -> None:
-        await self.store.listen(self._on_notice, self._reconcile_wanted.set)
+        await self.store.listen(self._on_notice, self._want_reconcile)
+
+    def _want_reconcile(self) -> None:
+        # Looked up at each call: the event is replaced after every reconciliation.
+        self._reconcile_wanted.set()
 
     def _on_notice(self, key: str, epoch: int, by: str) -> None:
         conn = self._core().notice(key, epoch)
@@ -280,6 +285,21 @@ class ClusterNode:
         to close it with (OVERLOADED: store unreachable; TAKEN_OVER: a later claim won)."""
         core = self._core()
         key = str(conn.identity)
+        # One claim per identity in flight from this node: the store then orders this node's
+        # claims as the Gatekeeper opened them, so the latest local session always holds the
+        # node's highest epoch. (Sent concurrently, an older session's claim could land last
+        # and win for a connection already displaced here, leaving no winner at all.) A hello
+        # displaced while it waits is cancelled with its connection and never claims.
+        while (busy := self._inflight.get(key)) is not None:
+            await busy.wait()
+        done = self._inflight[key] = anyio.Event()
+        try:
+            return await self._claim(core, key, conn)
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    async def _claim(self, core: Ownership, key: str, conn: Connection[Any]) -> CloseReason | None:
         core.opened(key, conn)
         self._woken.set()
         try:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
@@ -43,8 +44,9 @@ _FAILURES: tuple[type[BaseException], ...] = (
 
 
 def _store_failure(exc: BaseException) -> bool:
-    """True if ``exc`` (or every non-cancellation member of its groups: coredis raises from
-    task groups) is the store failing, not a bug or a cancellation."""
+    """True if ``exc`` (or every member of its groups but cancellations: coredis raises from
+    task groups) is the store failing, not a bug. A cancellation beside it is not lost: the
+    caller's next checkpoint raises it again, its scope being cancelled still."""
     cancelled = anyio.get_cancelled_exc_class()
     found = False
     pending = [exc]
@@ -54,7 +56,7 @@ def _store_failure(exc: BaseException) -> bool:
         if isinstance(members, tuple):
             pending.extend(m for m in members if isinstance(m, BaseException))
         elif isinstance(item, cancelled):
-            return False
+            continue
         elif isinstance(item, _FAILURES) or isinstance(item, anyio.BrokenResourceError):
             found = True
         elif isinstance(item, anyio.ClosedResourceError):
@@ -91,6 +93,8 @@ class RedisCluster:
         self._client: coredis.Redis[str] | None = None
         self._stats: Callable[[], ClusterStats | None] | None = None
         self._scripts: dict[str, Any] = {}
+        # The store's clock minus ours (microseconds), measured at each renewal.
+        self._offset_us: int | None = None
 
     @property
     def config(self) -> ClusterConfig:
@@ -166,18 +170,31 @@ class RedisCluster:
     async def renew(self) -> bool:
         """Renew this node's lease; False if it was gone (made anew)."""
         ttl_ms = int(self._config.node_ttl * 1000)
-        existed = await self._script("renew", [self._lease], [ttl_ms, self.node_id])
+        sent = time.time()
+        existed, seconds, micros = await self._script(
+            "renew", [self._lease], [ttl_ms, self.node_id]
+        )
+        # The store's clock against ours, to within half a round trip: claims carry deadlines
+        # in the store's time, so this node's clock need not agree with the store's.
+        store_us = int(seconds) * 1_000_000 + int(micros)
+        self._offset_us = store_us - int((sent + time.time()) / 2 * 1_000_000)
         return bool(int(existed))
 
     async def claim(self, key: str, host: str) -> Claim:
         """Claim ``key`` for this node, telling the previous owner (one round trip)."""
         prefix = self._prefix
+        if self._offset_us is None:
+            raise StoreUnavailable("claim: the store's clock is not known yet (no renewal)")
+        deadline = int(time.time() * 1_000_000) + self._offset_us
+        deadline += int(self._config.store_timeout * 1_000_000)
         reply = await self._script(
             "claim",
             [f"{prefix}:owner:{key}", f"{prefix}:hits:{key}"],
-            [self.node_id, host, prefix, _HITS_WINDOW_MS, key],
+            [self.node_id, host, prefix, _HITS_WINDOW_MS, key, deadline],
         )
         epoch, previous, previous_host, recent = reply
+        if epoch == "0":
+            raise StoreUnavailable("claim: reached the store after its deadline (a stall)")
         return Claim(
             epoch=int(epoch),
             previous_node=previous or None,
@@ -249,7 +266,9 @@ class RedisCluster:
                     on_subscribed()
                     async for message in pubsub:
                         self._notice(message, on_notice)
-            except Exception as exc:
+            except BaseException as exc:
+                # A group of cancellations and the connection's errors (coredis's cleanup as
+                # it is cancelled) is dropped: the sleep below raises the cancellation anew.
                 if not _store_failure(exc):
                     raise
                 logger.info("cluster: subscription lost (%s); resubscribing", exc)

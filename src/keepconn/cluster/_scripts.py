@@ -20,12 +20,16 @@ from __future__ import annotations
 
 __all__ = ["CLAIM", "RELEASE", "RENEW", "REASSERT"]
 
-#: KEYS: owner, hits. ARGV: node, host, prefix, hits window (ms), identity.
-#: Returns {epoch, previous node or "", previous host or "", recent claims}.
+#: KEYS: owner, hits. ARGV: node, host, prefix, hits window (ms), identity, deadline (store
+#: time, us). Returns {epoch, previous node or "", previous host or "", recent claims}, or
+#: {"0", ...} when the claim arrived after its deadline: a claim the node gave up on (a stalled
+#: store executes it when it resumes) must not take an identity over after the fact.
 CLAIM = r"""
-local cur = redis.call('GET', KEYS[1])
 local t = redis.call('TIME')
-local epoch = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if now > tonumber(ARGV[6]) then return {'0', '', '', 0} end
+local cur = redis.call('GET', KEYS[1])
+local epoch = now
 local pnode, phost = '', ''
 if cur then
   local e, n, h = string.match(cur, '^(%d+)\t([^\t]*)\t(.*)$')
@@ -49,12 +53,14 @@ end
 return {es, pnode, phost, recent}
 """
 
-#: KEYS: lease. ARGV: ttl (ms), value. Returns 1 if the lease was there, 0 if it was gone (the
-#: node then reasserts its sessions: the store may have lost their records as well).
+#: KEYS: lease. ARGV: ttl (ms), value. Returns {1 if the lease was there, 0 if it was gone
+#: (the node then reasserts its sessions: the store may have lost their records as well),
+#: seconds, microseconds} -- the store's time, so the node can give claims deadlines in it.
 RENEW = r"""
-if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then return 1 end
+local t = redis.call('TIME')
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then return {1, t[1], t[2]} end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
-return 0
+return {0, t[1], t[2]}
 """
 
 #: KEYS: owner. ARGV: epoch, node. Deletes the record only if it is still this very claim's.
