@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from device_gateway import gateway as gateway_app
 from device_gateway import mqtt_codec as mq
 from keepconn.tcp import census
 from keepconn.testing import ForwarderMode, RedisServer, TcpForwarder
@@ -191,6 +192,78 @@ def test_store_down_refuses_connects_with_connack_3_and_ends_sessions_by_the_lea
         live.close()
 
 
+def test_a_two_second_store_stall_drops_no_session(
+    start_gateway: Callable[..., RunningGateway], redis_server: RedisServer
+) -> None:
+    nodes = start_nodes(start_gateway, redis_server.url)
+    live = [RawClient(node.port) for node in nodes]
+    try:
+        for n, client in enumerate(live):
+            assert client.connect(f"steady-{n}") == 0
+        redis_server.pause()
+        try:
+            stalled = RawClient(nodes[1].port)
+            try:
+                assert stalled.connect("newcomer") == mq.ConnackCode.SERVER_UNAVAILABLE
+            finally:
+                stalled.close()
+            time.sleep(2.0 - STORE_TIMEOUT)
+        finally:
+            redis_server.resume()
+        # The stall was shorter than the lease: every session is still there and answers.
+        for client in live:
+            client.send(mq.Pingreq())
+            assert isinstance(client.packet(), mq.Pingresp)
+        assert established(*nodes) == 3
+        for node in nodes:
+            status = node.wait_status(lambda s: s["cluster"]["store_healthy"], timeout=slack(5))
+            assert status["closed"]["OWNERSHIP_LOST"] == 0
+        # And the store still knows who owns what: a move is a takeover, not a second session.
+        moved = RawClient(nodes[2].port)
+        live.append(moved)
+        assert moved.connect("steady-0") == 0
+        wait_until(lambda: server_side(nodes[0].port, "ESTABLISHED") == 0, slack(1), "moved")
+        assert established(*nodes) == 3
+    finally:
+        for client in live:
+            client.close()
+
+
+def test_redis_lost_then_back_empty_closes_by_the_lease_and_serves_again(
+    start_gateway: Callable[..., RunningGateway], redis_server: RedisServer
+) -> None:
+    a, b, c = start_nodes(start_gateway, redis_server.url)
+    live = [RawClient(a.port), RawClient(b.port)]
+    try:
+        for n, client in enumerate(live):
+            assert client.connect(f"kept-{n}") == 0
+        redis_server.stop()  # killed: every store connection is refused from now on
+        started = time.monotonic()
+        refused = RawClient(c.port)
+        try:
+            assert refused.connect("late") == mq.ConnackCode.SERVER_UNAVAILABLE
+        finally:
+            refused.close()
+        for client in live:
+            client.closed_by_gateway(timeout=slack(NODE_TTL + 3))
+        assert time.monotonic() - started < slack(NODE_TTL + 1.5)
+        assert established(a, b, c) == 0
+        for node in (a, b):
+            assert node.wait_status(lambda s: s["closed"]["OWNERSHIP_LOST"] == 1)
+        redis_server.start()  # the same port, and empty (no persistence)
+        for node in (a, b, c):
+            node.wait_status(lambda s: s["cluster"]["store_healthy"], timeout=slack(NODE_TTL))
+        again = [RawClient(a.port), RawClient(c.port)]
+        live += again
+        assert again[0].connect("kept-0") == 0
+        assert again[1].connect("kept-0") == 0  # a cross-node takeover on the new store
+        wait_until(lambda: server_side(a.port, "ESTABLISHED") == 0, slack(1), "taken over")
+        assert established(a, b, c) == 1
+    finally:
+        for client in live:
+            client.close()
+
+
 def concurrent_connects(clients: list[RawClient], client_id: str) -> list[Any]:
     """Every client sends CONNECT for ``client_id`` at once (threads released together);
     each one's CONNACK code, or the name of the error that ended it."""
@@ -351,3 +424,20 @@ def plain_status(port: int) -> dict[str, Any]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as reply:
         result: dict[str, Any] = json.load(reply)
     return result
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--cluster", "redis://127.0.0.1:1/0", "--node-ttl", "1", "--store-timeout", "0.6"],
+         "store_timeout"),
+        (["--cluster", "http://127.0.0.1:6379"], "--cluster takes redis://"),
+        (["--node-id", "lonely"], "--node-id needs --cluster"),
+    ],
+)  # fmt: skip
+def test_bad_cluster_options_are_one_line_errors(
+    users_file: Any, argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert gateway_app.main(["--users", str(users_file), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
