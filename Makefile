@@ -4,7 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean setup sysdeps docs
+# `make demo` is one gateway process and needs no Redis; `make demo-cluster` is three nodes on a
+# throwaway redis-server (examples/demo_cluster.py).
+.PHONY: demo demo-cluster test lint typecheck pytest bench clean setup sysdeps docs
 
 setup: $(STAMP) sysdeps
 
@@ -26,6 +28,9 @@ sysdeps:
 
 demo: setup
 	$(PY) examples/demo.py
+
+demo-cluster: setup
+	$(PY) examples/demo_cluster.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples docs/howto docs/conf.py docs/_ext

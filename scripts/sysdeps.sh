@@ -9,6 +9,8 @@ command -v tc >/dev/null 2>&1 || want+=(iproute2)
 command -v mosquitto_pub >/dev/null 2>&1 || want+=(mosquitto-clients)
 command -v openssl >/dev/null 2>&1 || want+=(openssl)
 command -v mosquitto >/dev/null 2>&1 && [ -x "$(command -v mosquitto)" ] || want+=(mosquitto)
+# The cluster tests and `make demo-cluster` start throwaway redis-servers (keepconn.testing.RedisServer).
+command -v redis-server >/dev/null 2>&1 || want+=(redis-server)
 [ ${#want[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "sysdeps: missing ${want[*]} (not root or no apt-get); tests needing them will skip" >&2

@@ -11,7 +11,14 @@ import pytest
 import keepconn
 from keepconn._core import errors
 
-NAMESPACES = ["keepconn", "keepconn.tcp", "keepconn.client", "keepconn.testing", "keepconn.metrics"]
+NAMESPACES = [
+    "keepconn",
+    "keepconn.tcp",
+    "keepconn.client",
+    "keepconn.testing",
+    "keepconn.metrics",
+    "keepconn.cluster",
+]
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)

@@ -20,7 +20,13 @@ PACKAGE = SRC / "keepconn"
 IO_AND_TIME = {"anyio", "trio", "asyncio", "socket", "select", "selectors", "ssl", "threading"}
 IO_AND_TIME |= {"time", "os", "subprocess", "uvloop", "sniffio"}
 #: The only places that may import anyio (or an event loop directly).
-ANYIO_HOMES = ("keepconn._anyio", "keepconn._asyncio", "keepconn.client", "keepconn.testing")
+ANYIO_HOMES = (
+    "keepconn._anyio",
+    "keepconn._asyncio",
+    "keepconn.client",
+    "keepconn.testing",
+    "keepconn.cluster",
+)
 MAX_LINES = 500
 
 
@@ -81,6 +87,16 @@ def test_only_the_adapters_import_anyio(name: str) -> None:
         assert target.split(".")[0] not in {"anyio", "trio", "asyncio", "sniffio"}, (
             f"{name}:{line} imports {target}: only {', '.join(ANYIO_HOMES)} may"
         )
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+def test_only_the_cluster_adapter_imports_the_redis_client(name: str) -> None:
+    # The server speaks to the store through a small protocol (_anyio/cluster.py); keepconn
+    # without the redis extra must import and run without coredis.
+    if name.startswith("keepconn.cluster"):
+        return
+    for target, line in imports_of(name):
+        assert target.split(".")[0] != "coredis", f"{name}:{line} imports {target}"
 
 
 def test_no_import_cycle() -> None:

@@ -149,8 +149,13 @@ class Fleet:
         tls: bool = False,
         tls_ca: Path | None = None,
         tls_hostname: str | None = None,
+        endpoints: Sequence[tuple[str, int]] = (),
     ) -> None:
-        """``on_event`` (optional) is called, on a reader thread, with every worker message
+        """``endpoints`` (optional) are the (host, port) of every node of a gateway cluster:
+        each device starts on one (spread by index) and reconnects to another after every
+        reboot or storm; without them every device talks to ``host:port``.
+
+        ``on_event`` (optional) is called, on a reader thread, with every worker message
         that is neither a tick nor the final report: the vanish reports (module doc).
 
         With ``tls`` devices connect over TLS, trusting ``tls_ca`` (None: the system's CAs)
@@ -172,6 +177,7 @@ class Fleet:
                 {
                     "host": host,
                     "port": port,
+                    "endpoints": [list(e) for e in endpoints] or None,
                     "users": [list(u) for u in users],
                     "profile": attrs.asdict(profile),
                     "seed": seed * 7919 + w,
@@ -282,6 +288,7 @@ class Fleet:
             },
             "acked": sum(r["acked"] for r in records),
             "pings": sum(r["pings"] for r in records),
+            "moves": sum(r.get("moves", 0) for r in records),
             "per_device": records,
         }
 
@@ -306,6 +313,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--host", help="an already running gateway (loopback only)")
     p.add_argument("--port", type=int)
     p.add_argument(
+        "--gateway",
+        action="append",
+        default=[],
+        metavar="HOST:PORT",
+        help="a node of a gateway cluster (repeat for each): devices land on another node after "
+        "every reboot (with --users; instead of --host/--port)",
+    )
+    p.add_argument(
         "--users", type=Path, help="the devices' credentials for that gateway (username:password)"
     )
     p.add_argument("--spawn-gateway", action="store_true", help="start examples' gateway.py")
@@ -315,8 +330,20 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="write the summary here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.gateway:
+        try:
+            split = (g.rpartition(":") for g in args.gateway)
+            args.endpoints = [(host, int(port)) for host, _, port in split]
+        except ValueError:
+            p.error("--gateway takes HOST:PORT")
+        args.host, args.port = args.endpoints[0]
+    else:
+        args.endpoints = []
     if not args.worker and not args.spawn_gateway and not (args.host and args.port and args.users):
-        p.error("give --spawn-gateway, or --host, --port and --users of a running gateway")
+        p.error(
+            "give --spawn-gateway, or --host, --port (or --gateway ...) and --users of a running "
+            "gateway"
+        )
     return args
 
 
@@ -381,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls=args.tls,
             tls_ca=tls_ca,
             tls_hostname=args.tls_hostname,
+            endpoints=[] if args.spawn_gateway else args.endpoints,
         )
         fleet.start()
         started = time.monotonic()
@@ -394,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(
                 f"\r{elapsed:5.1f}s online={t.get('online', 0):6d} "
                 f"reboots={t.get('reboots', 0):5d} losses={t.get('losses', 0):5d} "
-                f"takeovers={t.get('takeovers', 0):5d} acked={t.get('acked', 0):7d}",
+                f"takeovers={t.get('takeovers', 0):5d} moves={t.get('moves', 0):5d} "
+                f"acked={t.get('acked', 0):7d}",
                 end="",
                 flush=True,
             )

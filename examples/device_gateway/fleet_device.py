@@ -109,6 +109,11 @@ class DeviceRecord:
     acked: int = 0
     pings: int = 0
     commands: int = 0
+    #: Reconnects that went to a different gateway node than the last connection (a cluster's
+    #: fleet moves on every reboot; see Worker.endpoints).
+    moves: int = 0
+    #: The endpoint (index into the worker's list) of the latest connection.
+    node: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (latencies rounded to 0.1 ms)."""
@@ -125,6 +130,8 @@ class DeviceRecord:
             "acked": self.acked,
             "pings": self.pings,
             "commands": self.commands,
+            "moves": self.moves,
+            "node": self.node,
         }
 
 
@@ -163,6 +170,10 @@ class Device:
         self.fault: str | None = None
         self._wait: anyio.CancelScope | None = None
         self._packet_id = 0
+        # Which gateway node it talks to: spread by index, and a different one after each
+        # reboot or storm (devices behind a balancer land anywhere; here always elsewhere, the
+        # case a cluster exists for).
+        self.record.node = index % len(worker.endpoints)
 
     def strike(self, fault: str) -> bool:
         """Make an online device die now (returns False if it is not online)."""
@@ -199,6 +210,10 @@ class Device:
             self.record.disconnects[reason] += 1
             self.fault = None
             returning = reason in ("reboot", "storm", "loss")
+            if returning and len(self.worker.endpoints) > 1:
+                hop = 1 + self.rng.randrange(len(self.worker.endpoints) - 1)
+                self.record.node = (self.record.node + hop) % len(self.worker.endpoints)
+                self.record.moves += 1
             if reason == "quit":
                 break
             self.state = "dark" if returning else "offline"
@@ -220,7 +235,7 @@ class Device:
         sock.setblocking(False)
         try:
             with anyio.fail_after(worker.profile.connect_timeout):
-                err = sock.connect_ex((worker.host, worker.port))
+                err = sock.connect_ex(worker.endpoints[self.record.node])
                 if err not in (0, errno.EINPROGRESS):
                     raise _Closed(f"connect_{errno.errorcode.get(err, err)}")
                 await anyio.wait_writable(sock)

@@ -51,6 +51,11 @@ class Worker:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.host: str = spec["host"]
         self.port: int = spec["port"]
+        #: Every gateway node the devices may connect to (one, unless the fleet was given a
+        #: cluster's): each device starts on one and moves to another on every reboot.
+        self.endpoints: list[tuple[str, int]] = [
+            (str(h), int(p)) for h, p in spec.get("endpoints") or [(self.host, self.port)]
+        ]
         self.profile = DeviceProfile(**spec["profile"])
         self.seed: int = spec["seed"]
         self.ramp: float = spec["ramp"]
@@ -166,10 +171,11 @@ class Worker:
         await anyio.sleep(0.3)
         if self.cell is not None:
             await anyio.run_process(["ip", "link", "set", self.cell.dev_if, "up"])
-            if self.host != self.cell.host_addr:
-                # Link down took the route to the gateway with it.
-                route = ["ip", "route", "replace", f"{self.host}/32", "via", self.cell.host_addr]
-                await anyio.run_process(route, check=False)
+            for host in sorted({h for h, _ in self.endpoints}):
+                if host != self.cell.host_addr:
+                    # Link down took the route to the gateway with it.
+                    route = ["ip", "route", "replace", f"{host}/32", "via", self.cell.host_addr]
+                    await anyio.run_process(route, check=False)
         self.counts["storms"] += 1
         self.storm_gate.set()
 
@@ -202,6 +208,7 @@ class Worker:
             "dark": states["dark"],
             "connects": sum(r.connects for r in records),
             "takeovers": sum(len(r.takeover_ms) for r in records),
+            "moves": sum(r.moves for r in records),
             "reboots": self.counts["reboot"],
             "losses": self.counts["loss"],
             "storm_drops": self.counts["storm"],

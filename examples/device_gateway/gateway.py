@@ -63,20 +63,25 @@ import ssl
 import sys
 from collections.abc import Sequence
 from functools import partial
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
 from anyio.abc import SocketAttribute
 
-from device_gateway.mqtt_codec import DEFAULT_MAX_REMAINING_LENGTH, PROTOCOL_MAX_REMAINING_LENGTH
+from device_gateway.mqtt_codec import PROTOCOL_MAX_REMAINING_LENGTH
+from device_gateway.options import build_parser
 from device_gateway.sessions import Gateway, Options, Users, UsersFileError
 from device_gateway.sink import Recorder, SQLiteSink
 from device_gateway.status import Metrics, serve_metrics, serve_status
 from device_gateway.topics import topic_matches
 from device_gateway.users import CONVERT_HINT, passwd_main
+from device_gateway.workers import for_worker, supervise
 from keepconn import AdmissionConfig, FlappingConfig, ServerConfig, check_backend
 from keepconn.tcp import TcpKeepalive
+
+if TYPE_CHECKING:
+    from keepconn.cluster import RedisCluster
 
 __all__ = ["Gateway", "Users", "UsersFileError", "build_parser", "main", "topic_matches"]
 
@@ -88,116 +93,7 @@ METRICS_AUDIT_INTERVAL = 15.0
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line.
-
-
-def _positive(kind: type[float] | type[int]) -> Any:
-    def parse(text: str) -> float | int:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-
-    return parse
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The command line (every option has a default except --users)."""
-    p = argparse.ArgumentParser(
-        prog="gateway.py",
-        description="MQTT 3.1.1 device gateway on keepconn.",
-        epilog="Users files: `gateway.py passwd --help`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    pos_f, pos_i = _positive(float), _positive(int)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on ('' for all)")
-    p.add_argument("--port", type=int, default=1883, help="MQTT port (0: pick a free one)")
-    p.add_argument(
-        "--users",
-        help="file of username:scrypt$... lines, written by `gateway.py passwd` (needed unless "
-        "--require-client-cert)",
-    )
-    p.add_argument(
-        "--allow-plaintext-users",
-        action="store_true",
-        help="accept clear-text username:password lines in --users (warned about at start)",
-    )
-    p.add_argument("--tls-cert", help="PEM certificate (chain): serve MQTT over TLS")
-    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
-    p.add_argument(
-        "--tls-ca", help="PEM CA certificates whose client certificates are accepted (optional)"
-    )
-    p.add_argument(
-        "--require-client-cert",
-        action="store_true",
-        help="every client must present a certificate from --tls-ca; its CN is the user, and "
-        "no password is asked",
-    )
-    p.add_argument("--data", default="telemetry.sqlite3", help="SQLite file for telemetry")
-    p.add_argument("--hello-timeout", type=pos_f, default=10.0, help="seconds to send CONNECT")
-    p.add_argument(
-        "--max-keepalive",
-        type=pos_i,
-        default=1800,
-        help="largest client keepalive honoured, seconds (larger ones are capped to it)",
-    )
-    p.add_argument(
-        "--idle-timeout", type=pos_f, default=300.0, help="timeout of keepalive-0 clients, s"
-    )
-    p.add_argument(
-        "--resolution",
-        type=pos_f,
-        default=None,
-        help="reaping granularity, s (None: min(1, idle-timeout/10))",
-    )
-    p.add_argument(
-        "--max-packet", type=pos_i, default=DEFAULT_MAX_REMAINING_LENGTH, help="bytes per packet"
-    )
-    p.add_argument("--tcp-keepalive-idle", type=pos_i, default=60, help="TCP_KEEPIDLE, s")
-    p.add_argument("--tcp-keepalive-interval", type=pos_i, default=10, help="TCP_KEEPINTVL, s")
-    p.add_argument("--tcp-keepalive-count", type=pos_i, default=6, help="TCP_KEEPCNT")
-    p.add_argument("--no-tcp-keepalive", action="store_true", help="leave the kernel's setting")
-    p.add_argument("--accept-rate", type=pos_f, default=1000.0, help="connections/s sustained")
-    p.add_argument("--accept-burst", type=pos_i, default=3000, help="connections at once")
-    p.add_argument("--max-pending-hellos", type=pos_i, default=4096, help="CONNECTs awaited")
-    p.add_argument("--max-sessions", type=pos_i, default=None, help="live sessions (None: no cap)")
-    p.add_argument("--no-admission", action="store_true", help="admit every connection")
-    p.add_argument("--flap-max-hellos", type=pos_i, default=15, help="CONNECTs per window")
-    p.add_argument("--flap-window", type=pos_f, default=60.0, help="flapping window, s")
-    p.add_argument("--flap-ban", type=pos_f, default=300.0, help="flapping ban, s")
-    p.add_argument("--no-flapping", action="store_true", help="no flapping bans")
-    p.add_argument("--shutdown-grace", type=pos_f, default=5.0, help="seconds to drain on exit")
-    p.add_argument(
-        "--status-port", type=int, default=0, help="loopback HTTP status page port (0: off)"
-    )
-    p.add_argument(
-        "--metrics-port",
-        type=int,
-        default=0,
-        help="Prometheus /metrics port (0: off; /metrics is on the status page too)",
-    )
-    p.add_argument(
-        "--metrics-host", default="127.0.0.1", help="address for --metrics-port ('' for all)"
-    )
-    p.add_argument(
-        "--status-host",
-        default="127.0.0.1",
-        help="address of the status page; it has no authentication, so keep it on loopback",
-    )
-    p.add_argument(
-        "--backend", choices=("asyncio", "uvloop", "trio"), default="asyncio", help="event loop"
-    )
-    p.add_argument(
-        "--log-level",
-        default="info",
-        choices=("debug", "info", "warning", "error"),
-        type=str.lower,
-        help="stderr logging; info logs one line per close",
-    )
-    return p
+# From the command line (build_parser() is in options.py) to keepconn's objects.
 
 
 def server_config(args: argparse.Namespace) -> ServerConfig:
@@ -233,6 +129,23 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
     )
 
 
+def cluster_of(args: argparse.Namespace) -> RedisCluster | None:
+    """The cluster store adapter from the command line (None without ``--cluster``); raises
+    ImportError without the redis extra and ValueError (ConfigError) for a bad value."""
+    if not args.cluster:
+        return None
+    from keepconn.cluster import ClusterConfig, RedisCluster, node_id_default
+
+    if not args.cluster.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"--cluster takes redis://HOST:PORT[/DB], got {args.cluster!r}")
+    config = ClusterConfig(
+        node_id=args.node_id or node_id_default(),
+        node_ttl=args.node_ttl,
+        store_timeout=args.store_timeout,
+    )
+    return RedisCluster(args.cluster, config)
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Combinations the parser cannot check; ValueError saying what to change."""
     if args.require_client_cert:
@@ -246,6 +159,8 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValueError("--tls-cert and --tls-key go together")
     if args.tls_ca and not args.tls_cert:
         raise ValueError("--tls-ca needs --tls-cert and --tls-key (TLS)")
+    if args.node_id is not None and not args.cluster:
+        raise ValueError("--node-id needs --cluster")
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -303,6 +218,15 @@ async def run(args: argparse.Namespace) -> int:
         logger.warning(
             "the status page listens on %s, and it has no authentication", status_host or "*"
         )
+    cluster = cluster_of(args)
+    if cluster is not None:
+        logger.info(
+            "cluster node %s on %s (node ttl %g s, store timeout %g s)",
+            cluster.node_id,
+            args.cluster,
+            args.node_ttl,
+            args.store_timeout,
+        )
     gateway = Gateway(
         users,
         Recorder(SQLiteSink(args.data)),
@@ -312,6 +236,7 @@ async def run(args: argparse.Namespace) -> int:
             max_packet=args.max_packet,
             certificate_users=args.require_client_cert,
         ),
+        cluster=cluster,
     )
     metrics: Metrics | None = None
     try:
@@ -324,7 +249,10 @@ async def run(args: argparse.Namespace) -> int:
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         try:
             listener = await anyio.create_tcp_listener(
-                local_host=args.host or None, local_port=args.port, backlog=4096
+                local_host=args.host or None,
+                local_port=args.port,
+                backlog=4096,
+                reuse_port=args.reuse_port,
             )
             status_listener = None
             if args.status_port:
@@ -404,9 +332,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["passwd"]:
         return passwd_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.worker_index is not None:
+        for_worker(args)
+    worker = "" if args.worker_index is None else f"[w{args.worker_index}] "
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {worker}%(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
     try:
@@ -421,11 +352,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.max_packet > PROTOCOL_MAX_REMAINING_LENGTH:
             raise ValueError(f"--max-packet must be at most {PROTOCOL_MAX_REMAINING_LENGTH}")
         server_config(args)
+        cluster_of(args)  # the URL, the node id, the ttl and timeout, and the redis extra
         if args.metrics_port:
             import keepconn.metrics  # noqa: F401 - fails, naming the extra, without it
     except (ValueError, ImportError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and args.worker_index is None:
+        return supervise(args, argv)
     backend = "trio" if args.backend == "trio" else "asyncio"
     options: dict[str, Any] = {"use_uvloop": True} if args.backend == "uvloop" else {}
     result: int = anyio.run(run, args, backend=backend, backend_options=options)

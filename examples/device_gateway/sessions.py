@@ -41,6 +41,7 @@ from device_gateway.mqtt_codec import (
 )
 from device_gateway.outbound import Device, Outbound
 from device_gateway.sink import Recorder, SinkError, Telemetry, now_wall
+from device_gateway.status import cluster_status
 from device_gateway.topics import SubscriptionIndex
 from device_gateway.users import Users, UsersFileError
 from keepconn import (
@@ -55,6 +56,7 @@ from keepconn.tcp import TcpState
 
 if TYPE_CHECKING:
     from device_gateway.status import Metrics
+    from keepconn.cluster import RedisCluster
     from keepconn.metrics import ServerCollector
 
 __all__ = ["Device", "Gateway", "Options", "Users", "UsersFileError", "certificate_cn"]
@@ -104,6 +106,8 @@ class Gateway:
         recorder: Recorder,
         config: ServerConfig,
         options: Options | None = None,
+        *,
+        cluster: RedisCluster | None = None,
     ) -> None:
         self.options = options if options is not None else Options()
         if users is None and not self.options.certificate_users:
@@ -116,7 +120,10 @@ class Gateway:
             framer=self.framer,
             config=config,
             refuse=self.refuse,
+            cluster=cluster,
         )
+        #: The cluster store adapter when the gateway is one node of several (``--cluster``).
+        self.cluster = cluster
         #: Live sessions by username: deliveries never cross users.
         self._devices: dict[str, set[Device]] = {}
         #: Each user's subscriptions, indexed by topic filter.
@@ -411,6 +418,9 @@ class Gateway:
         }
         if census_error is not None:
             status["census_error"] = census_error
+        if self.cluster is not None:
+            status["node_id"] = self.cluster.node_id
+            status["cluster"] = cluster_status(self.cluster, stats.takeovers)
         return status
 
 

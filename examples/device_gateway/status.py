@@ -19,13 +19,17 @@ import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
 
+if TYPE_CHECKING:
+    from keepconn.cluster import RedisCluster
+
 __all__ = [
     "MAX_HEAD",
+    "cluster_status",
     "READ_TIMEOUT",
     "Metrics",
     "Snapshot",
@@ -195,6 +199,34 @@ async def _respond(
         await stream.send(body)
 
 
+def cluster_status(cluster: RedisCluster, local_takeovers: int) -> dict[str, Any]:
+    """The node's part of the status page: who it is, whether it can reach the store, what it
+    owns, and takeovers by where the two connections were."""
+    stats = cluster.stats()
+    if stats is None:  # the server has not started the adapter yet
+        return {"node_id": cluster.node_id, "store_healthy": False, "owned": 0}
+    return {
+        "node_id": stats.node_id,
+        "store": cluster.url,
+        "store_healthy": stats.store_healthy,
+        "owned": stats.owned,
+        "claiming": stats.claiming,
+        # Both connections on this node.
+        "local_takeovers": local_takeovers,
+        # A device that was on another node connected here: this node claimed it and told the
+        # other one to reset the old connection.
+        "took_from_remote": stats.took_from_remote,
+        # A device that was here connected to another node: its connection here was reset.
+        "remote_takeovers": stats.remote_takeovers,
+        "ownership_lost": stats.ownership_lost,
+        "refused_store_down": stats.refused,
+        "store_round_trips": stats.store_round_trips,
+        "store_errors": stats.store_errors,
+        "lease_lost": stats.lease_lost,
+        "lease_left": None if stats.lease_left is None else round(stats.lease_left, 3),
+    }
+
+
 def render_html(status: Mapping[str, Any]) -> str:
     """The status snapshot as a small self-refreshing HTML page."""
 
@@ -209,7 +241,11 @@ def render_html(status: Mapping[str, Any]) -> str:
     sections = [table("gateway", scalars)]
     closed = status.get("closed", {})
     sections.append(table("closes by reason", {k: v for k, v in closed.items() if v} or {"-": 0}))
-    for key, title in (("census", "kernel sockets on the gateway port"), ("phantoms", "phantoms")):
+    for key, title in (
+        ("cluster", "cluster node"),
+        ("census", "kernel sockets on the gateway port"),
+        ("phantoms", "phantoms"),
+    ):
         if isinstance(status.get(key), Mapping):
             sections.append(table(title, status[key]))
     return (

@@ -36,6 +36,7 @@ from .._core.heartbeat import Pinger, PingPolicer
 from .._core.opening import Gatekeeper, Refusal
 from .._core.reasons import CloseReason
 from .._core.registry import Session
+from .cluster import ClusterNode
 from .connection import Connection
 from .failures import Failure, errors_in, first_failure
 
@@ -71,6 +72,7 @@ class Lifecycle(Generic[F]):
         emit: Callable[[ServerEvent], None],
         stopping: anyio.Event,
         rng: random.Random,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self._config = config
         self._gate = gate
@@ -83,6 +85,7 @@ class Lifecycle(Generic[F]):
         self._emit = emit
         self._stopping = stopping
         self._rng = rng
+        self._cluster = cluster
         #: The open connections, hello phase included.
         self.connections: set[Connection[F]] = set()
         #: Set whenever no connection is open (shutdown waits on it).
@@ -167,8 +170,10 @@ class Lifecycle(Generic[F]):
                 return False
             opened, welcomed = await self._open_session(conn, hello)
             if not opened:
-                # One answer to a hello: none more once the welcome went out.
-                if hello.refusal is not None and not welcomed:
+                # One answer to a hello: none more once the welcome went out. A hello that
+                # lost a cluster claim is a takeover, not a refusal.
+                lost = conn.reason is CloseReason.TAKEN_OVER
+                if hello.refusal is not None and not welcomed and not lost:
                     with anyio.move_on_after(1.0):
                         await conn.send(hello.refusal)
                 return False
@@ -283,6 +288,15 @@ class Lifecycle(Generic[F]):
             conn._record(CloseReason.PEER_CLOSED, "gone before its hello was read")
             return False, False
         identity = hello.identity
+        cluster = self._cluster
+        if cluster is not None:
+            hint = cluster.admit()
+            if hint is not None:
+                # Without the store no node can prove it owns the identity: refuse at once,
+                # before the welcome a takeover sends first.
+                refusal = Refusal(CloseReason.OVERLOADED, "cluster store unreachable", hint)
+                await self._refuse_connection(conn, refusal, None if hello.refusal else hint)
+                return False, False
         welcomed = False
         if hello.welcome is not None and self._gate.takes_over(identity, conn):
             # A takeover resets a live session, so first make sure this peer is still there.
@@ -298,6 +312,8 @@ class Lifecycle(Generic[F]):
                 return False, True
         refusal = self._open_verdict(conn, hello, identity)
         if refusal is None:
+            if cluster is not None and not await self._claimed(conn, cluster):
+                return False, welcomed
             return True, welcomed
         # The application's own refusal (hello.refusal) speaks its protocol; the generic
         # refuse callback is for connections refused before their hello was read.
@@ -331,6 +347,17 @@ class Lifecycle(Generic[F]):
                 return True
             await anyio.sleep(pause)
             pause = min(2 * pause, 0.05)
+
+    async def _claimed(self, conn: Connection[F], cluster: ClusterNode) -> bool:
+        """Local first, then the store: of local hellos the Gatekeeper chose one already;
+        across nodes the claim's epoch decides (see _core/ownership.py). False if lost."""
+        lost = await cluster.claim(conn)
+        if lost is not None:
+            detail = "cluster store unreachable" if lost is CloseReason.OVERLOADED else ""
+            conn._record(lost, detail or "a later claim on another node won")
+            return False
+        # Closed while its claim was in flight (taken over, shutdown)?
+        return conn.reason is None
 
     def _open_verdict(
         self, conn: Connection[F], hello: Hello, identity: Hashable
@@ -423,6 +450,8 @@ class Lifecycle(Generic[F]):
         session = conn.session
         if session is not None and session.reason is None:
             self._registry.close(session, reason)
+        if session is not None and self._cluster is not None:
+            self._cluster.closed(conn)
         return reason
 
     def _account(self, conn: Connection[F], reason: CloseReason) -> None:

@@ -36,6 +36,7 @@ from .._core.opening import Gatekeeper
 from .._core.reasons import CloseReason
 from .._core.registry import Session, SessionRegistry
 from .accept import accept_forever
+from .cluster import ClusterNode, ClusterStore
 from .connection import Connection
 from .life import Refuse
 from .reaper import reap_forever
@@ -78,6 +79,9 @@ class Server(Generic[F]):
         take the handshake that admission control is there to spare.
     :param on_event: called with every ServerEvent (keep it quick; it runs inline). More
         listeners can attach later with :meth:`add_listener`.
+    :param cluster: a cluster store (``keepconn.cluster.RedisCluster``): this server is then
+        one node of a cluster with one live session per identity cluster-wide. The server
+        runs it (lease, notices, reconciliation) while it serves; see docs/topics/cluster.md.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Server(Generic[F]):
         refuse: Refuse | None = None,
         on_event: Callable[[ServerEvent], None] | None = None,
         rng: random.Random | None = None,
+        cluster: ClusterStore | None = None,
     ) -> None:
         self.config = config = config if config is not None else ServerConfig()
         if config.heartbeat is not None and send_ping is None:
@@ -120,6 +125,7 @@ class Server(Generic[F]):
         )
         self._gate = Gatekeeper(self.registry, self.admission, self.flapping, self.address_flapping)
         self._stopping = anyio.Event()
+        self._cluster = None if cluster is None else ClusterNode(cluster, self._emit)
         self._lives = NativeLifecycle(
             config=config,
             gate=self._gate,
@@ -131,6 +137,7 @@ class Server(Generic[F]):
             emit=self._emit,
             stopping=self._stopping,
             rng=self._rng,
+            cluster=self._cluster,
         )
         self._accepted = 0
         self._accept_errors = 0
@@ -213,6 +220,8 @@ class Server(Generic[F]):
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._reap, name="keepconn reaper")
+                if self._cluster is not None:
+                    await tasks.start(self._cluster.run, name="keepconn cluster")
                 for listener in self._listeners:
                     tasks.start_soon(self._accept, listener, tasks, tls, name="keepconn accept")
                 self.addresses = [
@@ -411,6 +420,7 @@ class Server(Generic[F]):
             registry=self.registry.stats(),
             admission=None if self.admission is None else self.admission.stats(now),
             flapping=None if self.flapping is None else self.flapping.stats(now),
+            cluster=None if self._cluster is None else self._cluster.stats(),
         )
 
 

@@ -6,11 +6,14 @@ KeepconnError
 ├── SessionClosed                     an operation needs a live session and this one has ended
 ├── ProtocolError                     a peer sent bytes that break the application's framing
 ├── HelloRejected                     the application refused a peer's hello (AUTH_FAILED)
+├── cluster.StoreUnavailable          the cluster store did not answer (in time, or at all)
 ├── tcp.UnsupportedOption             the platform lacks a socket option that was asked for
-└── testing.NetnsError                a network namespace could not be built or changed
+├── testing.NetnsError                a network namespace could not be built or changed
+└── testing.RedisServerError          a throwaway redis-server could not be started
 
-The last two live with the namespaces that raise them (``keepconn.tcp``, ``keepconn.testing``);
-a test checks that this tree names every exception class keepconn defines.
+The last four live with the namespaces that export them (``keepconn.cluster``,
+``keepconn.tcp``, ``keepconn.testing``); a test checks that this tree names every exception
+class keepconn defines.
 """
 
 from __future__ import annotations
@@ -18,7 +21,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["ConfigError", "HelloRejected", "KeepconnError", "ProtocolError", "SessionClosed"]
+__all__ = [
+    "ConfigError",
+    "HelloRejected",
+    "KeepconnError",
+    "ProtocolError",
+    "SessionClosed",
+    "StoreUnavailable",
+]
 
 
 class KeepconnError(Exception):
@@ -55,4 +65,12 @@ class HelloRejected(KeepconnError):
 
     The connection is closed with AUTH_FAILED; a live session of the same identity is never
     disturbed. Send any protocol-level refusal (an MQTT CONNACK code, say) before raising.
+    """
+
+
+class StoreUnavailable(KeepconnError):
+    """The cluster store could not be reached, or failed a call (``keepconn.cluster``).
+
+    The server handles it: a hello is refused OVERLOADED, a renewal is retried; applications
+    meet it only when they call a store adapter themselves.
     """

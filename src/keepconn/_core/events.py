@@ -9,6 +9,7 @@ import attrs
 
 from .admission import AdmissionStats
 from .flapping import FlappingStats
+from .ownership import ClusterStats
 from .reasons import CloseReason
 from .registry import RegistryStats
 
@@ -147,3 +148,5 @@ class ServerStats:
     admission: AdmissionStats | None = None
     #: Flapping and duplicate-identity counters, bans included (None when off).
     flapping: FlappingStats | None = None
+    #: The node's cluster state (None without a cluster).
+    cluster: ClusterStats | None = None

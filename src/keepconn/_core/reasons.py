@@ -51,6 +51,11 @@ class CloseReason(enum.Enum):
     MAX_AGE = "max_age"
     #: The server is shutting down.
     SHUTDOWN = "shutdown"
+    #: Cluster mode: this node could no longer prove it owns the session, because the store
+    #: was unreachable for as long as the node's lease (another node may have claimed the
+    #: identity meanwhile). Sessions are closed so, spread over about a second, before the
+    #: lease could have expired; the devices reconnect to a node that can reach the store.
+    OWNERSHIP_LOST = "ownership_lost"
     #: The application closed the session for its own reasons.
     APPLICATION = "application"
 

@@ -66,6 +66,7 @@ REASON_CLASSES: Mapping[CloseReason, str] = {
     CloseReason.MAX_AGE: "server",
     CloseReason.SHUTDOWN: "server",
     CloseReason.APPLICATION: "server",
+    CloseReason.OWNERSHIP_LOST: "server",
 }
 
 #: Buckets of ``keepconn_reap_lateness_seconds``, in seconds; the server's reap resolution is

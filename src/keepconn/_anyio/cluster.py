@@ -1,0 +1,332 @@
+"""The server's side of a cluster: claims in the hello path, notices, the lease, the store-down
+policy. The rules are the core's :class:`Ownership`; this module runs them on anyio and speaks
+to the store through :class:`ClusterStore`, a small protocol that ``keepconn.cluster``'s Redis
+adapter implements (so nothing here imports a Redis client).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, TypeVar
+
+import anyio
+import anyio.abc
+
+from .._core.errors import StoreUnavailable
+from .._core.events import ServerEvent, SessionTakenOver
+from .._core.ownership import Claim, ClusterConfig, ClusterStats, Ownership
+from .._core.reasons import CloseReason
+from .connection import Connection
+
+__all__ = ["ClusterNode", "ClusterStore"]
+
+logger = logging.getLogger("keepconn.cluster")
+
+T = TypeVar("T")
+
+#: Reconciliation checks this many sessions per store round trip.
+_CHECK_BATCH = 500
+#: While the store is unreachable, the lease renewal is retried this often (seconds).
+_RETRY = 0.1
+
+
+class ClusterStore(Protocol):
+    """What a Server needs of a cluster store. Every call may raise StoreUnavailable; the
+    caller bounds each one with ``config.store_timeout``."""
+
+    @property
+    def config(self) -> ClusterConfig:
+        """The node's configuration."""
+        ...
+
+    def connected(self) -> AbstractAsyncContextManager[None]:
+        """Hold the store's client open for the server's life."""
+        ...
+
+    async def renew(self) -> bool:
+        """Renew this node's lease; False if it was gone (and has been made anew)."""
+        ...
+
+    async def claim(self, key: str, host: str) -> Claim:
+        """Claim ``key`` for this node; the store tells the previous owner."""
+        ...
+
+    async def release(self, key: str, epoch: int) -> None:
+        """Delete ``key``'s record if it is still this node's claim with ``epoch``."""
+        ...
+
+    async def owners(self, keys: Sequence[str]) -> list[str | None]:
+        """The node holding each key (None: no record), in one round trip."""
+        ...
+
+    async def reassert(self, held: Sequence[tuple[str, int]]) -> list[bool]:
+        """Recreate missing records of ``(key, epoch)``; False where another node holds it."""
+        ...
+
+    async def listen(
+        self, on_notice: Callable[[str, int, str], None], on_subscribed: Callable[[], None]
+    ) -> None:
+        """Receive this node's eviction notices ``(key, epoch, by_node)`` for ever,
+        resubscribing after any loss of the subscription; ``on_subscribed`` after each
+        (re)subscription (notices sent meanwhile are lost: the node reconciles)."""
+        ...
+
+    async def leave(self) -> None:
+        """Give up this node's lease (a clean shutdown)."""
+        ...
+
+    def attach(self, stats: Callable[[], ClusterStats | None]) -> None:
+        """Called by the server so the store object can report the node's stats."""
+        ...
+
+
+class ClusterNode:
+    """One server's membership of a cluster (the server makes it from a ClusterStore)."""
+
+    def __init__(self, store: ClusterStore, emit: Callable[[ServerEvent], None]) -> None:
+        self.store = store
+        self.config = store.config
+        self._emit = emit
+        self.core: Ownership | None = None
+        self._releases: list[tuple[str, int]] = []
+        self._release_wanted = anyio.Event()
+        self._reconcile_wanted = anyio.Event()
+        self._woken = anyio.Event()
+        self._inflight: dict[str, anyio.Event] = {}
+        self._running = False
+        store.attach(self.stats)
+
+    def stats(self) -> ClusterStats | None:
+        """The node's snapshot; None before the server runs it."""
+        if self.core is None:
+            return None
+        return self.core.stats(anyio.current_time())
+
+    # -- running
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        """Connect the store and run the lease, notices, reconciliation and the store-down
+        policy until cancelled. Started before the server accepts."""
+        self.core = Ownership(self.config, anyio.current_time())
+        async with self.store.connected(), anyio.create_task_group() as tasks:
+            tasks.start_soon(self._renew_forever, name="keepconn cluster lease")
+            tasks.start_soon(self._listen_forever, name="keepconn cluster notices")
+            tasks.start_soon(self._reconcile_forever, name="keepconn cluster reconcile")
+            tasks.start_soon(self._expire_forever, name="keepconn cluster ownership")
+            tasks.start_soon(self._release_forever, name="keepconn cluster release")
+            self._running = True
+            task_status.started()
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._running = False
+                with anyio.CancelScope(shield=True):
+                    await self._leave()
+
+    async def _leave(self) -> None:
+        # The sessions are closed by now (the server drains first): say so, then drop the
+        # lease, each bounded like every store call.
+        await self._flush_releases()
+        try:
+            with anyio.fail_after(self.config.store_timeout):
+                await self.store.leave()
+        except (TimeoutError, StoreUnavailable) as exc:
+            logger.info("cluster: lease not given up at shutdown: %s", exc)
+
+    async def _call(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """One store call, bounded by store_timeout (TimeoutError past it)."""
+        with anyio.fail_after(self.config.store_timeout):
+            return await call(*args)
+
+    async def _renew_forever(self) -> None:
+        core = self._core()
+        while True:
+            sent = anyio.current_time()
+            try:
+                existed = await self._call(self.store.renew)
+            except (TimeoutError, StoreUnavailable) as exc:
+                if core.healthy:
+                    logger.warning("cluster: store unreachable (%s); refusing new hellos", exc)
+                core.store_failed()
+                self._woken.set()
+                await anyio.sleep(_RETRY)
+                continue
+            recovered = core.errors > 0 and not core.healthy
+            reassert = core.renewed(sent, existed)
+            if recovered:
+                logger.warning("cluster: store reachable again")
+            self._woken.set()
+            if reassert:
+                logger.warning("cluster: lease was gone; reasserting %d sessions", len(reassert))
+                await self._reassert(reassert)
+            for key, conn in core.unclaimed():
+                await self._claim_kept(key, conn)
+            await anyio.sleep(max(0.0, sent + self.config.renew_interval - anyio.current_time()))
+
+    async def _listen_forever(self) -> None:
+        await self.store.listen(self._on_notice, self._want_reconcile)
+
+    def _want_reconcile(self) -> None:
+        # Looked up at each call: the event is replaced after every reconciliation.
+        self._reconcile_wanted.set()
+
+    def _on_notice(self, key: str, epoch: int, by: str) -> None:
+        conn = self._core().notice(key, epoch)
+        if conn is not None:
+            self._taken(conn, by)
+
+    def _taken(self, conn: Hashable, by: str) -> None:
+        assert isinstance(conn, Connection)
+        conn.close(CloseReason.TAKEN_OVER, f"by node {by}")
+        self._emit(SessionTakenOver(conn.identity, conn.peer, by))
+
+    async def _reconcile_forever(self) -> None:
+        interval = self.config.reconcile_interval
+        while True:
+            with anyio.move_on_after(math.inf if interval is None else interval):
+                await self._reconcile_wanted.wait()
+            self._reconcile_wanted = anyio.Event()
+            try:
+                await self._reconcile()
+            except (TimeoutError, StoreUnavailable) as exc:
+                self._core().store_failed()
+                logger.info("cluster: reconciliation failed (%s); retrying", exc)
+                await anyio.sleep(_RETRY)
+                self._reconcile_wanted.set()
+
+    async def _reconcile(self) -> None:
+        """Check every confirmed local session against the store: one another node holds is
+        closed TAKEN_OVER (its notice was lost); one with no record is reasserted."""
+        core = self._core()
+        held = core.held()
+        for start in range(0, len(held), _CHECK_BATCH):
+            batch = held[start : start + _CHECK_BATCH]
+            owners = await self._call(self.store.owners, [k for k, _, _ in batch])
+            core.store_ok()
+            missing = []
+            for (key, epoch, conn), owner in zip(batch, owners, strict=True):
+                if owner is None:
+                    missing.append((key, epoch, conn))
+                elif owner != self.config.node_id and core.lost(key, conn):
+                    self._taken(conn, owner)
+            if missing:
+                await self._reassert(missing)
+
+    async def _reassert(self, held: Sequence[tuple[str, int, Hashable]]) -> None:
+        core = self._core()
+        for start in range(0, len(held), _CHECK_BATCH):
+            batch = held[start : start + _CHECK_BATCH]
+            pairs = [(key, epoch) for key, epoch, _ in batch]
+            try:
+                kept = await self._call(self.store.reassert, pairs)
+            except (TimeoutError, StoreUnavailable):
+                core.store_failed()
+                self._reconcile_wanted.set()  # try again with the next reconciliation
+                return
+            core.store_ok()
+            for (key, _, conn), ok in zip(batch, kept, strict=True):
+                if not ok and core.lost(key, conn):
+                    self._taken(conn, "another node (reasserted)")
+
+    async def _expire_forever(self) -> None:
+        core = self._core()
+        while True:
+            now = anyio.current_time()
+            for conn in core.due(now):
+                assert isinstance(conn, Connection)
+                conn.close(CloseReason.OWNERSHIP_LOST, "cluster store unreachable for the lease")
+            deadline = core.next_deadline()
+            wait = 0.25 if deadline is None else min(0.25, max(0.0, deadline - now))
+            with anyio.move_on_after(wait):
+                await self._woken.wait()
+            self._woken = anyio.Event()
+
+    async def _release_forever(self) -> None:
+        while True:
+            await self._release_wanted.wait()
+            self._release_wanted = anyio.Event()
+            await self._flush_releases()
+
+    async def _flush_releases(self) -> None:
+        core = self._core()
+        while self._releases:
+            key, epoch = self._releases.pop()
+            try:
+                await self._call(self.store.release, key, epoch)
+                core.store_ok()
+            except (TimeoutError, StoreUnavailable):
+                # Not retried: a record left behind points at this node, and the next claim
+                # of the identity overwrites it (epochs still increase).
+                core.store_failed()
+
+    def _release(self, key: str, epoch: int | None) -> None:
+        if epoch is not None:
+            self._releases.append((key, epoch))
+            self._release_wanted.set()
+
+    def _core(self) -> Ownership:
+        assert self.core is not None, "the cluster node is not running"
+        return self.core
+
+    # -- the hello path (called by the connection's own task)
+
+    def admit(self) -> float | None:
+        """None if a hello may be claimed now; else the retry hint of its refusal."""
+        core = self.core
+        if core is None or not self._running:
+            return self.config.retry_after
+        return None if core.admit(anyio.current_time()) else self.config.retry_after
+
+    async def claim(self, conn: Connection[Any]) -> CloseReason | None:
+        """Claim ``conn``'s freshly opened session. None: it won (welcome it); else the reason
+        to close it with (OVERLOADED: store unreachable; TAKEN_OVER: a later claim won)."""
+        core = self._core()
+        key = str(conn.identity)
+        # One claim per identity in flight from this node: the store then orders this node's
+        # claims as the Gatekeeper opened them, so the latest local session always holds the
+        # node's highest epoch. (Sent concurrently, an older session's claim could land last
+        # and win for a connection already displaced here, leaving no winner at all.) A hello
+        # displaced while it waits is cancelled with its connection and never claims.
+        while (busy := self._inflight.get(key)) is not None:
+            await busy.wait()
+        done = self._inflight[key] = anyio.Event()
+        try:
+            return await self._claim(core, key, conn)
+        finally:
+            del self._inflight[key]
+            done.set()
+
+    async def _claim(self, core: Ownership, key: str, conn: Connection[Any]) -> CloseReason | None:
+        core.opened(key, conn)
+        self._woken.set()
+        try:
+            # Shielded: a claim that reached the store must have its reply accounted for,
+            # even if the connection is closed (taken over locally, say) meanwhile.
+            with anyio.CancelScope(shield=True):
+                claim: Claim = await self._call(self.store.claim, key, str(conn.host))
+        except (TimeoutError, StoreUnavailable) as exc:
+            self._release(key, core.claim_failed(key, conn))
+            if self.config.mode == "available":
+                logger.info("cluster: %r kept unclaimed: %s", key, exc)
+                return None
+            return CloseReason.OVERLOADED
+        remote = claim.previous_node not in (None, self.config.node_id)
+        outcome = core.claimed(key, conn, claim.epoch, remote)
+        self._release(key, outcome.release)
+        return None if outcome.won else CloseReason.TAKEN_OVER
+
+    async def _claim_kept(self, key: str, conn: Hashable) -> None:
+        """Available mode: claim a session kept while the store was unreachable."""
+        assert isinstance(conn, Connection)
+        outcome = await self.claim(conn)
+        if outcome is CloseReason.TAKEN_OVER:
+            self._taken(conn, "another node")
+
+    def closed(self, conn: Connection[Any]) -> None:
+        """``conn``'s session ended: release its claim when nothing else here holds it."""
+        core = self.core
+        if core is not None:
+            self._release(str(conn.identity), core.closed(str(conn.identity), conn))

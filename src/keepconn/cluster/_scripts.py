@@ -1,0 +1,88 @@
+"""The Lua scripts the Redis adapter runs: each is one atomic step of the ownership rules.
+
+Keys (``P`` is ``ClusterConfig.key_prefix``)::
+
+    P:owner:IDENTITY   "EPOCH\\tNODE\\tHOST"   who holds the identity, with its fencing epoch
+    P:hits:IDENTITY    claims in the last window (cluster-wide flapping), expires on its own
+    P:node:NODE        the node's lease (PX node_ttl)
+    P:evict:NODE       the node's pub/sub channel of eviction notices "IDENTITY\\tEPOCH\\tBY"
+
+Epochs are ``max(previous + 1, store time in microseconds)``: strictly increasing per identity
+while its record exists, and still increasing after the record (or the whole store) is lost,
+as long as the store's clock does not go back. They stay below 2^53, so Lua's doubles hold them
+exactly; they travel as decimal strings, never as Lua numbers printed with ``%g``.
+
+The scripts compute the previous owner's lease and channel names from the prefix (a Redis
+Cluster would reject that: one Redis, or a primary with Sentinel, is what this supports).
+"""
+
+from __future__ import annotations
+
+__all__ = ["CLAIM", "RELEASE", "RENEW", "REASSERT"]
+
+#: KEYS: owner, hits. ARGV: node, host, prefix, hits window (ms), identity, deadline (store
+#: time, us). Returns {epoch, previous node or "", previous host or "", recent claims}, or
+#: {"0", ...} when the claim arrived after its deadline: a claim the node gave up on (a stalled
+#: store executes it when it resumes) must not take an identity over after the fact.
+CLAIM = r"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if now > tonumber(ARGV[6]) then return {'0', '', '', 0} end
+local cur = redis.call('GET', KEYS[1])
+local epoch = now
+local pnode, phost = '', ''
+if cur then
+  local e, n, h = string.match(cur, '^(%d+)\t([^\t]*)\t(.*)$')
+  if e then
+    local pe = tonumber(e)
+    if pe + 1 > epoch then epoch = pe + 1 end
+    pnode = n
+    phost = h
+  end
+end
+local es = string.format('%.0f', epoch)
+redis.call('SET', KEYS[1], es .. '\t' .. ARGV[1] .. '\t' .. ARGV[2])
+local recent = redis.call('INCR', KEYS[2])
+if recent == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+if pnode ~= '' and pnode ~= ARGV[1] then
+  -- Tell the previous owner, if it is alive; a dead node is not waited on, nor told.
+  if redis.call('EXISTS', ARGV[3] .. ':node:' .. pnode) == 1 then
+    redis.call('PUBLISH', ARGV[3] .. ':evict:' .. pnode, ARGV[5] .. '\t' .. es .. '\t' .. ARGV[1])
+  end
+end
+return {es, pnode, phost, recent}
+"""
+
+#: KEYS: lease. ARGV: ttl (ms), value. Returns {1 if the lease was there, 0 if it was gone
+#: (the node then reasserts its sessions: the store may have lost their records as well),
+#: seconds, microseconds} -- the store's time, so the node can give claims deadlines in it.
+RENEW = r"""
+local t = redis.call('TIME')
+if redis.call('PEXPIRE', KEYS[1], ARGV[1]) == 1 then return {1, t[1], t[2]} end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+return {0, t[1], t[2]}
+"""
+
+#: KEYS: owner. ARGV: epoch, node. Deletes the record only if it is still this very claim's.
+RELEASE = r"""
+local cur = redis.call('GET', KEYS[1])
+local mine = ARGV[1] .. '\t' .. ARGV[2] .. '\t'
+if cur and string.sub(cur, 1, string.len(mine)) == mine then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+#: KEYS: owner. ARGV: epoch, node, host. Sets the record if it is missing (the store lost it);
+#: returns 1 if this node holds the identity afterwards, 0 if another node claimed it since.
+REASSERT = r"""
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[1] .. '\t' .. ARGV[2] .. '\t' .. ARGV[3])
+  return 1
+end
+local e, n = string.match(cur, '^(%d+)\t([^\t]*)\t')
+if n == ARGV[2] then return 1 end
+return 0
+"""

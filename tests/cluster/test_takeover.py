@@ -1,0 +1,139 @@
+"""Cross-node takeover on a real redis-server: three servers in one process, one store."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import pytest
+
+from keepconn import CloseReason, ConnectionClosed, ServerConfig
+from keepconn.testing import RedisServer
+from tests.cluster.nodes import cluster, redis_client
+from tests.lineapp import Client, closes, wait_for
+from tests.timing import slack
+
+pytestmark = pytest.mark.anyio
+
+
+async def reset_or_eof(client: Client, timeout: float) -> str:
+    """How the server ended the client's connection: "reset" or "eof"."""
+    with anyio.fail_after(timeout):
+        try:
+            while await client.stream.receive():
+                pass
+        except anyio.BrokenResourceError:
+            return "reset"
+        except anyio.EndOfStream:
+            return "eof"
+    return "eof"
+
+
+async def hello_from(
+    port: int, clients: list[Client], ports: dict[Client, int], answers: list[bytes]
+) -> None:
+    """One device's hello for "shared" on ``port``, recorded in the lists."""
+    client = await Client.connect(port)
+    clients.append(client)
+    ports[client] = client.local_port()
+    try:
+        answers.append(await client.hello("shared"))
+    except (anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError):
+        answers.append(b"closed")
+
+
+async def test_a_device_moving_to_another_node_resets_its_old_connection_at_once(
+    redis_server: RedisServer,
+) -> None:
+    async with cluster(redis_server) as (a, b, _):
+        latencies = []
+        for trial in range(20):
+            old = await Client.connect(a.port)
+            assert await old.hello(f"dev{trial}") == b"OK"
+            new = await Client.connect(b.port)
+            start = time.perf_counter()
+            assert await new.hello(f"dev{trial}") == b"OK"
+            # The old connection is reset (RST), as a local takeover's is.
+            assert await reset_or_eof(old, slack(2)) == "reset"
+            latencies.append(time.perf_counter() - start)
+            await old.aclose()
+            await new.aclose()
+        [taken] = [e for e in closes(a.events, CloseReason.TAKEN_OVER) if e.identity == "dev0"]
+        assert "by node n1" in taken.detail
+        stats_a, stats_b = a.store.stats(), b.store.stats()
+        assert stats_a is not None and stats_b is not None
+        assert stats_a.remote_takeovers == 20 and stats_b.took_from_remote == 20
+        latencies.sort()
+        # From the new hello's OK (sent after the claim) to the old socket's reset, on loopback.
+        assert latencies[len(latencies) // 2] < slack(0.05), latencies
+
+
+async def test_wrong_credentials_on_another_node_never_evict(redis_server: RedisServer) -> None:
+    async with cluster(redis_server) as (a, b, c):
+        live = await Client.connect(a.port)
+        assert await live.hello("dev") == b"OK"
+        for node in (b, c, a):
+            bad = await Client.connect(node.port)
+            assert await bad.hello("dev", b"wrong") == b"DENIED"
+            assert await bad.closed_by_server()
+            await bad.aclose()
+        await live.send(b"DATA still-here")
+        assert await live.line() == b"ACK still-here"
+        async with redis_client(redis_server) as redis:
+            owner = await redis.get("keepconn:owner:dev")
+        assert owner is not None and owner.split("\t")[1] == "n0"
+        assert not closes(a.events, CloseReason.TAKEN_OVER)
+        await live.aclose()
+
+
+async def test_exactly_one_winner_among_concurrent_hellos_across_nodes(
+    redis_server: RedisServer,
+) -> None:
+    # No flapping detector: 200 hellos of one identity are the point here, not a ban.
+    config = ServerConfig(idle_timeout=60, flapping=None, admission=None)
+    async with cluster(redis_server, config=config) as nodes:
+        for round_ in range(3):
+            clients: list[Client] = []
+            ports: dict[Client, int] = {}
+            answers: list[bytes] = []
+
+            with anyio.fail_after(slack(20)):
+                async with anyio.create_task_group() as tasks:
+                    for i in range(200):
+                        tasks.start_soon(hello_from, nodes[i % 3].port, clients, ports, answers)
+            # Settle: every loser's close has been decided (a notice, a lost claim).
+            await wait_for(lambda: sum(len(n.live()) for n in nodes) <= 1)
+            await anyio.sleep(0.2)
+            live = [(n.name, c) for n in nodes for c in n.live()]
+            assert len(live) == 1, (round_, live)
+            async with redis_client(redis_server) as redis:
+                owner = await redis.get("keepconn:owner:shared")
+            assert owner is not None and owner.split("\t")[1] == live[0][0]
+            assert answers.count(b"OK") >= 1
+            # Every other client's connection was closed by its server; the winner's is open.
+            winner_port = live[0][1].peer[1]
+            for client in clients:
+                if ports[client] != winner_port:
+                    assert await client.closed_by_server(slack(2))
+            [winner] = [c for c in clients if ports[c] == winner_port]
+            await winner.send(b"DATA won")
+            assert await winner.line() == b"ACK won"
+            for client in clients:
+                await client.aclose()
+            await wait_for(lambda: all(not n.live() for n in nodes))
+
+
+async def test_a_released_session_leaves_no_record(redis_server: RedisServer) -> None:
+    async with cluster(redis_server, 2) as (a, _):
+        client = await Client.connect(a.port)
+        assert await client.hello("dev") == b"OK"
+        await client.send(b"BYE")
+        assert await client.closed_by_server()
+        await client.aclose()
+        async with redis_client(redis_server) as redis:
+            with anyio.fail_after(slack(2)):
+                while await redis.get("keepconn:owner:dev") is not None:
+                    await anyio.sleep(0.01)
+        assert [e.reason for e in a.events if isinstance(e, ConnectionClosed)] == [
+            CloseReason.APPLICATION
+        ]
