@@ -294,8 +294,8 @@ class Lifecycle(Generic[F]):
             if hint is not None:
                 # Without the store no node can prove it owns the identity: refuse at once,
                 # before the welcome a takeover sends first.
-                refusal = Refusal(CloseReason.OVERLOADED, "cluster store unreachable", hint)
-                await self._refuse_connection(conn, refusal, None if hello.refusal else hint)
+                refused = Refusal(CloseReason.OVERLOADED, "cluster store unreachable", hint)
+                await self._refuse_connection(conn, refused, None if hello.refusal else hint)
                 return False, False
         welcomed = False
         if hello.welcome is not None and self._gate.takes_over(identity, conn):
