@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean setup sysdeps
+.PHONY: demo test lint typecheck pytest bench clean setup sysdeps docs
 
 setup: $(STAMP) sysdeps
 
@@ -41,7 +41,6 @@ test: lint typecheck pytest
 
 # The documentation site, into docs/_build/html; warnings are errors, as in the test suite
 # (tests/test_docs.py builds it the same way and runs its examples).
-.PHONY: docs
 docs: setup
 	$(PY) -m sphinx -W --keep-going -q -b html docs docs/_build/html
 	@echo "docs: docs/_build/html/index.html"

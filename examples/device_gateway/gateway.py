@@ -75,7 +75,7 @@ from device_gateway.sink import Recorder, SQLiteSink
 from device_gateway.status import Metrics, serve_metrics, serve_status
 from device_gateway.topics import topic_matches
 from device_gateway.users import CONVERT_HINT, passwd_main
-from keepconn import AdmissionConfig, FlappingConfig, ServerConfig
+from keepconn import AdmissionConfig, FlappingConfig, ServerConfig, check_backend
 from keepconn.tcp import TcpKeepalive
 
 __all__ = ["Gateway", "Users", "UsersFileError", "build_parser", "main", "topic_matches"]
@@ -411,8 +411,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         # A backend whose package is missing fails here, in one line naming the extra to
         # install, rather than as anyio's LookupError traceback once the loop is asked for.
-        from keepconn import check_backend
-
         check_backend(args.backend)
         check_options(args)
         load_users(args)  # fail before binding anything, with the file's own message
