@@ -9,7 +9,9 @@ the server's own and leaves no CLOSE_WAIT socket in the kernel's table.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import os
 import queue
 import re
 import socket
@@ -229,3 +231,45 @@ def test_takeover_reaping_and_no_close_wait(program: Program) -> None:
     finally:
         for client in clients:
             client.close()
+
+
+def pingless_websocket(port: int, device: str) -> socket.socket:
+    """A websocket client by hand, like a device whose websocket library ignores pings: the
+    opening handshake and a hello, then it reads what comes and answers nothing."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=slack(5))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    sock.sendall(request.encode())
+    answer = b""
+    while b"\r\n\r\n" not in answer:
+        data = sock.recv(4096)
+        assert data, answer
+        answer += data
+    assert answer.startswith(b"HTTP/1.1 101 "), answer
+    payload, mask = f"HELLO {device}".encode(), os.urandom(4)
+    masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)  # one masked text frame
+    return sock
+
+
+def test_websockets_own_keepalive_closes_a_peer_that_never_answers_pings() -> None:
+    # Pings every 0.2 s, 0.2 s to answer; keepconn's idle timeout (5 s here) is not what ends it.
+    program = Program("own_server_websockets.py", ["--ws-ping", "0.2", "--timeout", "5"])
+    try:
+        sock = pingless_websocket(program.port, "dev-9")
+        try:
+            started = time.monotonic()
+            received = b""
+            while data := sock.recv(4096):  # WELCOME, pings, websockets' close frame, its FIN
+                received += data
+                assert time.monotonic() - started < slack(5), received
+        finally:
+            sock.close()  # the device's stack closes in turn
+        assert b"keepalive ping timeout" in received  # the 1011 close frame says why
+        stamp, _ = program.expect("closed dev-9 HEARTBEAT_TIMEOUT", within=slack(5))
+        assert stamp - started < 5.0  # websockets' pings found it, not keepconn's reaper
+    finally:
+        program.stop()

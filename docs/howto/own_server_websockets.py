@@ -6,10 +6,10 @@ the handshake and the framing; keepconn's registry decides who the device is and
 dead: a second hello takes the session over (the old connection is reset), a device silent for
 the idle timeout is reaped with ``IDLE_TIMEOUT``, a peer's FIN ends the session at once.
 
-websockets' own keepalive (``--ws-ping SECONDS``) may stay on beside it: its pings find a dead
-TCP path and close the connection (keepconn records the end as PEER_RESET), while keepconn's
-timeout is about the *application*: pongs come from the peer's websocket library and show
-nothing of the device's own life, so they do not touch the session.
+websockets' own keepalive (``--ws-ping SECONDS``) may stay on beside it: its pings find a peer
+that stopped answering and close the connection (recorded as HEARTBEAT_TIMEOUT), while
+keepconn's timeout is about the *application*: pongs come from the peer's websocket library and
+show nothing of the device's own life, so they do not touch the session.
 
 Each close prints one line, ``closed <device> <REASON>``.
 
@@ -26,6 +26,7 @@ import struct
 
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, ConnectionClosedOK
+from websockets.frames import CloseCode
 
 from keepconn import CloseReason, Session, SessionRegistry
 from keepconn.tcp import TcpKeepalive
@@ -40,6 +41,17 @@ def reset(ws: ServerConnection) -> None:
     sock = ws.transport.get_extra_info("socket")
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     ws.transport.abort()
+
+
+def reason_of(exc: ConnectionClosed) -> CloseReason:
+    """Why a connection that ended without a clean close handshake ended."""
+    sent = exc.sent
+    if sent is not None and sent.code == CloseCode.INTERNAL_ERROR and "ping" in sent.reason:
+        # websockets' own keepalive: its ping went unanswered (it said "keepalive ping timeout").
+        return CloseReason.HEARTBEAT_TIMEOUT
+    if isinstance(exc.__cause__, ConnectionError):
+        return CloseReason.PEER_RESET
+    return CloseReason.PEER_CLOSED  # a bare FIN (EOF), or a close frame with an error code
 
 
 class DeviceServer:
@@ -83,10 +95,8 @@ class DeviceServer:
         except ConnectionClosedOK:
             self.end(session, CloseReason.PEER_CLOSED)
         except ConnectionClosed as exc:
-            # No close frame: a bare FIN (EOF) or a reset, or websockets' own ping timeout.
             # Either way websockets closes the socket as the handler returns: no CLOSE_WAIT.
-            eof = exc.rcvd is None and not isinstance(exc.__cause__, ConnectionError)
-            self.end(session, CloseReason.PEER_CLOSED if eof else CloseReason.PEER_RESET)
+            self.end(session, reason_of(exc))
 
     async def reap_forever(self) -> None:
         """Sleep until the next deadline (at most one resolution), reap, reset the dead."""
