@@ -43,3 +43,19 @@ def test_the_rule_is_per_identity() -> None:
     # An older connection of another identity opens its own session as usual.
     assert isinstance(gate.open_session(0.0, "b", Conn(order=1)), Opening)
     assert len(gate.registry) == 2
+
+
+def test_takes_over_says_when_the_adapter_must_first_hear_from_the_peer() -> None:
+    gate = Gatekeeper(SessionRegistry(timeout=30))
+    # No live session: nothing to displace, no round trip needed.
+    assert not gate.takes_over("dev", Conn(order=3))
+    assert isinstance(gate.open_session(1.0, "dev", Conn(order=3)), Opening)
+    # A newer connection would displace it; an older one is refused by accept order anyway.
+    assert gate.takes_over("dev", Conn(order=4))
+    assert not gate.takes_over("dev", Conn(order=2))
+    assert not gate.takes_over("other", Conn(order=9))
+    # The peer answered its welcome with a reset: refused as stale, counted with the others.
+    refusal = gate.refuse_stale("reset on its welcome")
+    assert refusal.reason is CloseReason.STALE_HELLO and refusal.detail == "reset on its welcome"
+    assert (gate.stale, gate.takeovers) == (1, 0)
+    assert gate.registry.get("dev") is not None and len(gate.registry) == 1
