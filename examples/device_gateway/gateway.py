@@ -56,6 +56,7 @@ sans-I/O protocol), ``sink`` (where telemetry goes), ``status`` (the HTTP page),
 from __future__ import annotations
 
 import argparse
+import gc
 import ipaddress
 import logging
 import signal
@@ -307,6 +308,12 @@ async def run(args: argparse.Namespace) -> int:
                     # now and then (in a worker thread).
                     tasks.start_soon(gateway.metrics.probe_loop_lag)
                     tasks.start_soon(gateway.metrics.audit_every, METRICS_AUDIT_INTERVAL)
+                # Everything made so far (modules, the users table, the parser, ...) lives as
+                # long as the process: out of the cyclic collector's sight, every full
+                # collection walks only what connections made. Nothing made later is frozen, so
+                # no garbage of a closed connection can be kept.
+                gc.collect()
+                gc.freeze()
                 print(f"listening on {_format_address(address)}", flush=True)
                 async for signum in signals:
                     logger.warning("%s: shutting down", signal.Signals(signum).name)
