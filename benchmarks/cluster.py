@@ -23,7 +23,8 @@ What is measured, and how (the same way for both contenders):
   how many old sockets were never reset within ``--watch`` s. The CONNACK latency is beside it;
 * devices with more than one ESTABLISHED socket across all nodes, ``--settle`` s after the last
   reboot: every node's server-side sockets from the kernel's table (keepconn.tcp.census),
-  matched by the device's source port to the device; and CLOSE_WAIT on every node's port;
+  matched by (source address, source port, node port) to the device; and CLOSE_WAIT on every
+  node's port;
 * store round trips a second (the nodes' own ``store_round_trips`` counters) and redis-server
   CPU (utime + stime from /proc), over the idle window and over the reboots.
 
@@ -194,20 +195,20 @@ def run_one(name: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
         rebooting = _window(cluster, 0, reboots)
         trials: list[dict[str, Any]] = rebooting.pop("result")
         time.sleep(args.settle)
-        owners: dict[tuple[str, int], str] = {}
+        owners: dict[tuple[str, int, int], str] = {}
         for process in processes:
             process.send("ports")
         for process in processes:
             for client_id, ports in process.wait("ports", 60)["devices"].items():
-                for address, port in ports:
-                    owners[address, port] = client_id
+                for address, port, node_port in ports:
+                    owners[address, port, node_port] = client_id
         per_device: dict[str, int] = {}
         close_wait = 0
         for node in cluster.nodes:
             for row in census(node.port).sockets:
                 if row.local_port != node.port:
                     continue
-                peer = (row.remote_address, row.remote_port)
+                peer = (row.remote_address, row.remote_port, node.port)
                 if row.state == "ESTABLISHED" and peer in owners:
                     device = owners[peer]
                     per_device[device] = per_device.get(device, 0) + 1

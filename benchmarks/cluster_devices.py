@@ -13,7 +13,8 @@ Started as ``python cluster_devices.py SPEC_JSON``; JSON lines on stdout, comman
   with SO_LINGER 0, which drops it from the kernel's table as the RST leaves, and loopback
   delivers it within microseconds), or None when the old socket was not reset within
   ``watch`` seconds. ``{"kind": "trials", "results": [...]}`` when done;
-* ``ports``: ``{"kind": "ports", "devices": {client_id: [[address, port] of each open socket]}}``,
+* ``ports``: ``{"kind": "ports", "devices": {client_id: [[address, port, node port], ...]}}``
+  for each open socket,
   the abandoned ones included, to match against the nodes' kernel tables;
 * ``quit``: close everything and exit.
 """
@@ -157,13 +158,18 @@ class Device:
         result["gone_ms"] = round((reset_at - self.sent) * 1000.0, 3)
         return result
 
-    def ports(self) -> list[tuple[str, int]]:
+    def ports(self) -> list[tuple[str, int, int]]:
         writers = [*self.abandoned, *([self.writer] if self.writer else [])]
         ports = []
         for writer in writers:
             sock = writer.get_extra_info("socket")
             if sock is not None and sock.fileno() >= 0:
-                ports.append(sock.getsockname()[:2])
+                # The node's port too: with IP_BIND_ADDRESS_NO_PORT one (address, port) serves
+                # a connection to each node, so only the triple names one socket.
+                try:
+                    ports.append((*sock.getsockname()[:2], sock.getpeername()[1]))
+                except OSError:
+                    continue  # reset since: the kernel's table no longer lists it either
         return ports
 
 

@@ -42,11 +42,18 @@ rest):
 * **Status**: with ``--status-port`` a loopback HTTP page (``GET /status`` JSON, ``GET /`` for
   humans) shows sessions, closes by reason, takeovers and the kernel's census of the port. It
   has no authentication, so it stays on 127.0.0.1 unless ``--status-host`` says otherwise.
+* **Cluster** (``--cluster redis://HOST:PORT[/DB] --node-id NAME``): the gateway is one node
+  of several sharing sessions through Redis (``keepconn.cluster``): a device that connects to
+  another node is taken over there and its connection here is reset; while the store cannot
+  be reached new CONNECTs get CONNACK 3 and live sessions end (OWNERSHIP_LOST) once the
+  node's ``--node-ttl`` lease could have expired. ``--workers N`` runs N processes on one port
+  (``workers.py``).
 * **Metrics**: keepconn's Prometheus metrics (``keepconn.metrics``, the ``prometheus`` extra) at
   ``GET /metrics`` on the status page and, with ``--metrics-port``, on a port of their own
   (loopback unless ``--metrics-host`` says otherwise).
 
-Sibling modules: ``sessions`` (the MQTT session logic: ``Gateway``), ``mqtt_codec`` (the
+Sibling modules: ``options`` (the command line), ``sessions`` (the MQTT session logic:
+``Gateway``), ``workers`` (``--workers``), ``mqtt_codec`` (the
 sans-I/O protocol), ``sink`` (where telemetry goes), ``status`` (the HTTP page), ``topics``
 (subscription matching). They are imported as ``device_gateway.*``: the package is installed
 (``pip install -e examples``, which ``make setup`` runs), or the folder holding

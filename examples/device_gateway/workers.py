@@ -29,6 +29,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -135,16 +136,21 @@ def supervise(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 
 def _wait(proc: subprocess.Popen[str], stopping: threading.Event, index: int) -> int:
-    """Wait for one worker; after a signal, give it STOP_TIMEOUT and then kill it."""
+    """Wait for one worker; once a signal has been forwarded, give it STOP_TIMEOUT more seconds
+    and then kill it."""
+    stop_by: float | None = None
     while True:
+        if stop_by is None and stopping.is_set():
+            stop_by = time.monotonic() + STOP_TIMEOUT
         try:
-            code = proc.wait(STOP_TIMEOUT if stopping.is_set() else 1.0)
+            code = proc.wait(1.0)
         except subprocess.TimeoutExpired:
-            if stopping.is_set() and proc.poll() is None:
+            if stop_by is not None and time.monotonic() > stop_by:
+                print(f"gateway: worker {index} did not stop; killing it", file=sys.stderr)
                 proc.kill()
                 return proc.wait()
             continue
-        if not stopping.is_set():
+        if code != 0 or not stopping.is_set():
             print(f"gateway: worker {index} exited with status {code}", file=sys.stderr)
-        # A SIGTERM'd worker that shut down cleanly exits 0; a killed one has a negative code.
+        # A worker that shut down cleanly on SIGTERM exits 0; a killed one has a negative code.
         return code
