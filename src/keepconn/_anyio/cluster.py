@@ -316,7 +316,14 @@ class ClusterNode:
         remote = claim.previous_node not in (None, self.config.node_id)
         outcome = core.claimed(key, conn, claim.epoch, remote)
         self._release(key, outcome.release)
-        return None if outcome.won else CloseReason.TAKEN_OVER
+        if not outcome.won:
+            return CloseReason.TAKEN_OVER
+        if outcome.reassert:
+            with anyio.CancelScope(shield=True):
+                await self._reassert([(key, claim.epoch, conn)])
+            if core.live(key) is not conn:
+                return CloseReason.TAKEN_OVER
+        return None
 
     async def _claim_kept(self, key: str, conn: Hashable) -> None:
         """Available mode: claim a session kept while the store was unreachable."""

@@ -170,6 +170,10 @@ class ClaimOutcome:
     won: bool
     #: An epoch to release now (the connection is gone and nothing else holds the identity).
     release: int | None = None
+    #: The store lost its data while this claim was in flight (the lease was found gone in
+    #: between): its record may be gone with it, so the adapter reasserts it before trusting
+    #: it, as it did for the sessions it held when it found the lease gone.
+    reassert: bool = False
 
 
 @attrs.define(slots=True, eq=False)
@@ -184,6 +188,8 @@ class _Entry:
     seen: int = 0
     # Claims in flight.
     pending: int = 0
+    # The node's lease generation when the last claim was sent.
+    generation: int = 0
 
 
 class Ownership:
@@ -252,6 +258,7 @@ class Ownership:
         entry.live = conn
         entry.live_epoch = None
         entry.pending += 1
+        entry.generation = self.lease_lost
 
     def claimed(self, key: str, conn: Hashable, epoch: int, remote: bool) -> ClaimOutcome:
         """``conn``'s claim got ``epoch``; ``remote``: it took the identity from another node."""
@@ -270,7 +277,7 @@ class Ownership:
             return ClaimOutcome(False)
         if entry.live is conn:
             entry.live_epoch = epoch
-            return ClaimOutcome(True)
+            return ClaimOutcome(True, reassert=entry.generation != self.lease_lost)
         # The connection was closed (or displaced locally) while its claim was in flight.
         return ClaimOutcome(True, self._release_if_idle(key, entry))
 

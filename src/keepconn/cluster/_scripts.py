@@ -12,7 +12,7 @@ while its record exists, and still increasing after the record (or the whole sto
 as long as the store's clock does not go back. They stay below 2^53, so Lua's doubles hold them
 exactly; they travel as decimal strings, never as Lua numbers printed with ``%g``.
 
-The scripts compute the previous owner's lease and channel names from the prefix (a Redis
+The claim script computes the previous owner's channel name from the prefix (a Redis
 Cluster would reject that: one Redis, or a primary with Sentinel, is what this supports).
 """
 
@@ -45,10 +45,10 @@ redis.call('SET', KEYS[1], es .. '\t' .. ARGV[1] .. '\t' .. ARGV[2])
 local recent = redis.call('INCR', KEYS[2])
 if recent == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
 if pnode ~= '' and pnode ~= ARGV[1] then
-  -- Tell the previous owner, if it is alive; a dead node is not waited on, nor told.
-  if redis.call('EXISTS', ARGV[3] .. ':node:' .. pnode) == 1 then
-    redis.call('PUBLISH', ARGV[3] .. ':evict:' .. pnode, ARGV[5] .. '\t' .. es .. '\t' .. ARGV[1])
-  end
+  -- Tell the previous owner; nobody waits on it (a dead node simply has no subscriber).
+  -- Told even when its lease is gone: a node whose lease the store lost is still serving
+  -- until its next renewal, and must not keep a session another node has taken.
+  redis.call('PUBLISH', ARGV[3] .. ':evict:' .. pnode, ARGV[5] .. '\t' .. es .. '\t' .. ARGV[1])
 end
 return {es, pnode, phost, recent}
 """
