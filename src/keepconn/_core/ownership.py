@@ -160,6 +160,9 @@ class Claim:
     previous_host: str | None = None
     #: Claims of this identity cluster-wide within the store's recent window (this one too).
     recent: int = 1
+    #: Refused: the identity is flapping cluster-wide (``recent`` over the limit). Nothing was
+    #: claimed and nobody was told.
+    flapping: bool = False
 
 
 @attrs.frozen
@@ -281,13 +284,17 @@ class Ownership:
         # The connection was closed (or displaced locally) while its claim was in flight.
         return ClaimOutcome(True, self._release_if_idle(key, entry))
 
-    def claim_failed(self, key: str, conn: Hashable) -> int | None:
+    def claim_failed(self, key: str, conn: Hashable, *, refused: bool = False) -> int | None:
         """``conn``'s claim failed (the adapter closes it, or keeps it unclaimed in available
-        mode). Returns an epoch to release, if the identity is left with nothing here."""
-        self.store_failed()
+        mode), or with ``refused`` the store refused it (flapping: the adapter closes it).
+        Returns an epoch to release, if the identity is left with nothing here."""
+        if refused:
+            self.store_ok()
+        else:
+            self.store_failed()
         entry = self._entries[key]
         entry.pending -= 1
-        if entry.live is conn and self.config.mode == "available":
+        if entry.live is conn and self.config.mode == "available" and not refused:
             return None  # kept, unclaimed: reasserted when the store is back
         if entry.live is conn:
             entry.live = None
