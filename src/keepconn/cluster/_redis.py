@@ -16,9 +16,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
-import coredis
-import coredis.exceptions
-import coredis.retry
+
+try:
+    import coredis
+    import coredis.exceptions
+    import coredis.retry
+except ImportError as exc:
+    # Name the extra to install, rather than leave a bare "No module named" to puzzle over.
+    raise ImportError("keepconn.cluster needs coredis: pip install 'keepconn[redis]'") from exc
 
 from .._core.errors import StoreUnavailable
 from .._core.ownership import Claim, ClusterConfig, ClusterStats
