@@ -10,7 +10,7 @@ import anyio
 import pytest
 
 from keepconn import CloseReason, ConnectionClosed
-from keepconn.cluster import ClusterConfig, RedisCluster
+from keepconn.cluster import ClusterConfig, ClusterStats, RedisCluster
 from keepconn.testing import RedisServer
 from tests.cluster.nodes import Node, cluster, redis_client
 from tests.lineapp import Client, closes, wait_for
@@ -31,6 +31,16 @@ def redis_command(redis: RedisServer, *args: str) -> bytes:
     with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as conn:
         conn.sendall(b"".join(parts))
         return conn.recv(4096)
+
+
+def stats(node: Node) -> ClusterStats:
+    found = node.store.stats()
+    assert found is not None
+    return found
+
+
+def healthy(node: Node) -> bool:
+    return stats(node).store_healthy
 
 
 async def connect_all(nodes: list[Node], per_node: int) -> dict[str, Client]:
@@ -61,7 +71,7 @@ async def test_a_two_second_stall_drops_nothing_and_refuses_new_hellos(
             await anyio.sleep(1.4)
         finally:
             redis_server.resume()
-        await wait_for(lambda: all(n.store.stats().store_healthy for n in nodes))  # type: ignore[union-attr]
+        await wait_for(lambda: all(healthy(n) for n in nodes))
         for ident, client in devices.items():
             await client.send(b"DATA " + ident.encode())
             assert await client.line() == b"ACK " + ident.encode()
@@ -88,7 +98,12 @@ async def test_a_store_gone_longer_than_the_lease_closes_sessions_ownership_lost
         devices = await connect_all(nodes, 10)
         gone = anyio.current_time()
         redis_server.stop()
-        await wait_for(lambda: all(not n.live() for n in nodes), timeout=TTL + slack(2))
+        # (Waiting for the close events: a connection is no longer live before its event.)
+        await wait_for(
+            lambda: all(len(closes(n.events, CloseReason.OWNERSHIP_LOST)) == 10 for n in nodes),
+            timeout=TTL + slack(2),
+        )
+        assert all(not n.live() for n in nodes)
         config = nodes[0].store.config
         for node in nodes:
             lost = closes(node.events, CloseReason.OWNERSHIP_LOST)
@@ -104,7 +119,7 @@ async def test_a_store_gone_longer_than_the_lease_closes_sessions_ownership_lost
         await refused.aclose()
         # The store comes back (empty): every node serves again.
         redis_server.start()
-        await wait_for(lambda: all(n.store.stats().store_healthy for n in nodes))  # type: ignore[union-attr]
+        await wait_for(lambda: all(healthy(n) for n in nodes))
         for node in nodes:
             back = await Client.connect(node.port)
             assert await back.hello(f"back-{node.name}") == b"OK"
@@ -129,7 +144,7 @@ async def test_after_the_store_restarts_empty_every_node_reasserts(
         devices = await connect_all(nodes, 3)
         redis_server.restart()
         # The lease is found gone at the next renewal; the records are set again.
-        await wait_for(lambda: all(n.store.stats().lease_lost == 1 for n in nodes))  # type: ignore[union-attr]
+        await wait_for(lambda: all(stats(n).lease_lost == 1 for n in nodes))
         async with redis_client(redis_server) as redis:
             with anyio.fail_after(slack(2)):
                 while await redis.get("keepconn:owner:d0-0") is None:
