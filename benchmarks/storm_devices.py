@@ -133,6 +133,9 @@ class Link(asyncio.Protocol):
         self.lost_by = "EOF" if exc is None else type(exc).__name__
         if not self.connack.done():
             self.connack.set_exception(ConnectionResetError("closed before CONNACK"))
+            # Nobody awaits it any more once the attempt has timed out: mark it retrieved, so
+            # asyncio does not log "exception was never retrieved" (an await still raises it).
+            self.connack.exception()
         if not self.lost.done():
             self.lost.set_result(None)
         if self.abandoned:
