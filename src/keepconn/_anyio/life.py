@@ -343,8 +343,13 @@ class Lifecycle(Generic[F]):
         """Close the socket and account for the close, exactly once per connection."""
         reason = conn._settle(self._stopping.is_set())
         session = conn.session
-        if session is not None and session.reason is None:
-            self._registry.close(session, reason)
+        if session is not None:
+            if session.reason is None:
+                self._registry.close(session, reason)
+            # The registry's wheel keeps a closed session until its slot comes up (up to its
+            # timeout later); it must not keep this connection, its stream and its socket
+            # alive all that time with it.
+            session.conn = None
         await conn._close_socket()
         self.connections.discard(conn)
         if not self.connections:
