@@ -455,10 +455,15 @@ class Lifecycle(Generic[F]):
         """The connection's final reason, its session closed with it."""
         reason = conn._settle(self._stopping.is_set())
         session = conn.session
-        if session is not None and session.reason is None:
-            self._registry.close(session, reason)
-        if session is not None and self._cluster is not None:
-            self._cluster.closed(conn)
+        if session is not None:
+            if session.reason is None:
+                self._registry.close(session, reason)
+            if self._cluster is not None:
+                self._cluster.closed(conn)
+            # The registry's wheel keeps a closed session until its slot comes up (up to its
+            # timeout later); it must not keep this connection, its stream and its socket
+            # alive all that time with it.
+            session.conn = None
         return reason
 
     def _account(self, conn: Connection[F], reason: CloseReason) -> None:
