@@ -120,7 +120,10 @@ class NativeConnection(Connection[F], asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # (uvloop's transports are not asyncio.Transport subclasses, but quack alike.)
-        self._wire = cast("asyncio.Transport", transport)
+        self._wire = wire = cast("asyncio.Transport", transport)
+        # As anyio's streams: a send waits until its bytes are in the kernel, so that nothing
+        # queues in the process behind a slow peer (a ping stays one kernel buffer from it).
+        wire.set_write_buffer_limits(0)
         self.peer = transport.get_extra_info("peername")
         try:
             self._inode = os.fstat(transport.get_extra_info("socket").fileno()).st_ino
@@ -235,8 +238,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     # -- writing
 
     async def send(self, data: bytes) -> None:
-        """Send bytes to the peer (buffered by the transport; waits only while its buffer is
-        above the high-water mark)."""
+        """Send bytes to the peer; waits while the kernel cannot take them all yet."""
         self._check_writable()
         wire = self._wire
         if wire is None or wire.is_closing():
@@ -247,6 +249,11 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             await asyncio.shield(drained)
             if self._gone:
                 raise self._broken()
+        else:
+            # The kernel took it all at once: still let the other tasks run (anyio's send is
+            # a checkpoint too), or a handler sending in a loop would hold the event loop
+            # until the kernel's buffer is full.
+            await asyncio.sleep(0)
 
     def _broken(self) -> Exception:
         if self._lost is not None:
