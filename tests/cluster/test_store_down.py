@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 import anyio
 import pytest
 
-from keepconn import CloseReason, ConnectionClosed
+from keepconn import CloseReason, ConnectionClosed, LineFramer, Server
 from keepconn.cluster import ClusterConfig, ClusterStats, RedisCluster
 from keepconn.testing import RedisServer
+from tests import lineapp
 from tests.cluster.nodes import Node, cluster, redis_client
 from tests.lineapp import Client, closes, wait_for
 from tests.timing import slack
@@ -194,3 +196,34 @@ async def test_a_killed_subscription_loses_no_takeover(redis_server: RedisServer
         [taken] = closes(a.events, CloseReason.TAKEN_OVER)
         assert "n9" in taken.detail
         await old.aclose()
+
+
+async def test_a_node_started_without_its_store_refuses_hellos_until_it_is_up(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    redis = redis_factory()
+    redis.stop()  # its port is known, nothing listens there
+    store = RedisCluster(redis.url, ClusterConfig(node_id="early", node_ttl=TTL))
+    server: Server[bytes] = Server(
+        identify=lineapp.identify,
+        handler=lineapp.handler,
+        framer=lambda: LineFramer(max_length=1024),
+        refuse=lineapp.refuse,
+        cluster=store,
+    )
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        try:
+            client = await Client.connect(port)
+            assert await client.hello("dev") == b"BUSY"
+            await client.aclose()
+            redis.start()
+            with anyio.fail_after(slack(3)):
+                while not (stats := store.stats()) or not stats.store_healthy:
+                    await anyio.sleep(0.02)
+            client = await Client.connect(port)
+            assert await client.hello("dev") == b"OK"
+            await client.aclose()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(slack(10)):
+                await server.shutdown()
