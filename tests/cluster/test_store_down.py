@@ -55,24 +55,36 @@ async def connect_all(nodes: list[Node], per_node: int) -> dict[str, Client]:
     return devices
 
 
+@pytest.mark.parametrize("stall", ["sigstop", "debug-sleep", "client-pause-write"])
 async def test_a_two_second_stall_drops_nothing_and_refuses_new_hellos(
-    redis_server: RedisServer,
+    redis_server: RedisServer, stall: str
 ) -> None:
     async with cluster(redis_server, node_ttl=TTL) as nodes:
         devices = await connect_all(nodes, 5)
-        redis_server.pause()
-        try:
-            await anyio.sleep(0.6)  # a renewal has timed out on every node by now
-            started = time.perf_counter()
-            newcomer = await Client.connect(nodes[1].port)
-            # Refused within the store timeout: no node can prove it owns the identity.
-            assert await newcomer.hello("d0-0") == b"BUSY"
-            assert time.perf_counter() - started < slack(0.7)
-            assert await newcomer.closed_by_server()
-            await newcomer.aclose()
-            await anyio.sleep(1.4)
-        finally:
-            redis_server.resume()
+        async with anyio.create_task_group() as stalling:
+            if stall == "sigstop":
+                redis_server.pause()
+            elif stall == "debug-sleep":
+                # The store itself sleeps 2 s; the command blocks its caller, here a thread.
+                stalling.start_soon(
+                    anyio.to_thread.run_sync, redis_command, redis_server, "DEBUG", "SLEEP", "2"
+                )
+                await anyio.sleep(0.05)
+            else:
+                assert redis_command(redis_server, "CLIENT", "PAUSE", "2000", "WRITE") == b"+OK\r\n"
+            try:
+                await anyio.sleep(0.6)  # a renewal has timed out on every node by now
+                started = time.perf_counter()
+                newcomer = await Client.connect(nodes[1].port)
+                # Refused within the store timeout: no node can prove it owns the identity.
+                assert await newcomer.hello("d0-0") == b"BUSY"
+                assert time.perf_counter() - started < slack(0.7)
+                assert await newcomer.closed_by_server()
+                await newcomer.aclose()
+                await anyio.sleep(1.4)
+            finally:
+                if stall == "sigstop":
+                    redis_server.resume()
         await wait_for(lambda: all(healthy(n) for n in nodes))
         for ident, client in devices.items():
             await client.send(b"DATA " + ident.encode())
