@@ -239,3 +239,33 @@ async def test_a_node_started_without_its_store_refuses_hellos_until_it_is_up(
         finally:
             with anyio.CancelScope(shield=True), anyio.move_on_after(slack(10)):
                 await server.shutdown()
+
+
+async def test_available_mode_keeps_serving_without_the_store_and_claims_on_its_return(
+    redis_server: RedisServer,
+) -> None:
+    async with cluster(redis_server, 2, node_ttl=TTL, mode="available") as (a, b):
+        kept = await Client.connect(a.port)
+        assert await kept.hello("kept") == b"OK"
+        redis_server.stop()
+        await wait_for(lambda: not healthy(a))
+        # Admitted unclaimed while the store is gone, and nothing is closed past the lease.
+        unclaimed = await Client.connect(b.port)
+        assert await unclaimed.hello("unclaimed") == b"OK"
+        await anyio.sleep(TTL + 0.5)
+        for client, name in ((kept, b"k"), (unclaimed, b"u")):
+            await client.send(b"DATA " + name)
+            assert await client.line() == b"ACK " + name
+        assert not closes(a.events + b.events, CloseReason.OWNERSHIP_LOST)
+        # The store comes back empty: the kept session is reasserted, the unclaimed one claimed.
+        redis_server.start()
+        async with redis_client(redis_server) as redis:
+            with anyio.fail_after(slack(5)):
+                while True:
+                    owners = [await redis.get(f"keepconn:owner:{k}") for k in ("kept", "unclaimed")]
+                    if all(owners):
+                        break
+                    await anyio.sleep(0.05)
+        assert [o.split("\t")[1] for o in owners if o] == ["n0", "n1"]
+        for client in (kept, unclaimed):
+            await client.aclose()
