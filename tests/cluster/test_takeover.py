@@ -7,7 +7,7 @@ import time
 import anyio
 import pytest
 
-from keepconn import CloseReason, ConnectionClosed, ServerConfig
+from keepconn import CloseReason, ConnectionClosed, FlappingConfig, ServerConfig
 from keepconn.testing import RedisServer
 from tests.cluster.nodes import cluster, redis_client
 from tests.lineapp import Client, closes, wait_for
@@ -137,3 +137,56 @@ async def test_a_released_session_leaves_no_record(redis_server: RedisServer) ->
         assert [e.reason for e in a.events if isinstance(e, ConnectionClosed)] == [
             CloseReason.APPLICATION
         ]
+
+
+async def test_a_device_bouncing_between_nodes_is_caught_as_flapping(
+    redis_server: RedisServer,
+) -> None:
+    # Four hellos a minute at most, counted cluster-wide: each node alone sees only two of
+    # the six hellos below, so only the store's count can catch the bounce.
+    config = ServerConfig(idle_timeout=60, flapping=FlappingConfig(max_hellos=4, window=60))
+    async with cluster(redis_server, 3, config=config) as (a, b, c):
+        held = None
+        answers = []
+        for i in range(6):
+            client = await Client.connect((a, b, c)[i % 3].port)
+            answer = await client.hello("bouncer")
+            answers.append(answer)
+            if answer == b"OK":
+                if held is not None:
+                    await held.aclose()
+                held = client
+            else:
+                assert await client.closed_by_server()
+                await client.aclose()
+        assert answers == [b"OK"] * 4 + [b"BUSY"] * 2
+        # The refused hellos did not take the session over: the fourth one (on another node)
+        # still serves.
+        assert held is not None
+        await held.send(b"DATA kept")
+        assert await held.line() == b"ACK kept"
+        assert [e.detail for e in closes(a.events + b.events + c.events, CloseReason.FLAPPING)] == [
+            "flapping across the cluster"
+        ] * 2
+        await held.aclose()
+
+
+async def test_a_nodes_cluster_metrics(redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from keepconn.metrics import ServerCollector
+
+    async with cluster(redis_server, 2) as (a, b):
+        registry = CollectorRegistry()
+        ServerCollector(a.server, registry=registry)
+        old = await Client.connect(a.port)
+        assert await old.hello("dev") == b"OK"
+        new = await Client.connect(b.port)
+        assert await new.hello("dev") == b"OK"
+        assert await old.closed_by_server()
+        await wait_for(lambda: registry.get_sample_value("keepconn_cluster_owned_sessions") == 0)
+        assert registry.get_sample_value("keepconn_cluster_store_healthy") == 1
+        assert registry.get_sample_value("keepconn_cluster_remote_takeovers_total") == 1
+        assert registry.get_sample_value("keepconn_cluster_store_round_trips_total") >= 2  # type: ignore[operator]
+        for client in (old, new):
+            await client.aclose()

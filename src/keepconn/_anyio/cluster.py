@@ -17,6 +17,7 @@ import anyio.abc
 
 from .._core.errors import StoreUnavailable
 from .._core.events import ServerEvent, SessionTakenOver
+from .._core.flapping import FlappingConfig
 from .._core.ownership import Claim, ClusterConfig, ClusterStats, Ownership
 from .._core.reasons import CloseReason
 from .connection import Connection
@@ -50,8 +51,9 @@ class ClusterStore(Protocol):
         """Renew this node's lease; False if it was gone (and has been made anew)."""
         ...
 
-    async def claim(self, key: str, host: str) -> Claim:
-        """Claim ``key`` for this node; the store tells the previous owner."""
+    async def claim(self, key: str, host: str, limit: tuple[int, float] | None = None) -> Claim:
+        """Claim ``key`` for this node; the store tells the previous owner. ``limit``: most
+        claims of the identity cluster-wide per window (seconds), else refused as flapping."""
         ...
 
     async def release(self, key: str, epoch: int) -> None:
@@ -86,8 +88,22 @@ class ClusterStore(Protocol):
 class ClusterNode:
     """One server's membership of a cluster (the server makes it from a ClusterStore)."""
 
-    def __init__(self, store: ClusterStore, emit: Callable[[ServerEvent], None]) -> None:
+    def __init__(
+        self,
+        store: ClusterStore,
+        emit: Callable[[ServerEvent], None],
+        flapping: FlappingConfig | None = None,
+    ) -> None:
         self.store = store
+        # Flapping counted cluster-wide by the claim script: a device bouncing between nodes
+        # is caught as one bouncing on one node is (each node's detector sees only its part).
+        self._limit = (
+            (flapping.max_hellos, flapping.window)
+            if flapping is not None and flapping.enabled
+            else None
+        )
+        #: Hellos refused as flapping cluster-wide.
+        self.flapping_refused = 0
         self.config = store.config
         self._emit = emit
         self.core: Ownership | None = None
@@ -306,17 +322,28 @@ class ClusterNode:
             # Shielded: a claim that reached the store must have its reply accounted for,
             # even if the connection is closed (taken over locally, say) meanwhile.
             with anyio.CancelScope(shield=True):
-                claim: Claim = await self._call(self.store.claim, key, str(conn.host))
+                claim: Claim = await self._call(self.store.claim, key, str(conn.host), self._limit)
         except (TimeoutError, StoreUnavailable) as exc:
             self._release(key, core.claim_failed(key, conn))
             if self.config.mode == "available":
                 logger.info("cluster: %r kept unclaimed: %s", key, exc)
                 return None
             return CloseReason.OVERLOADED
+        if claim.flapping:
+            self.flapping_refused += 1
+            self._release(key, core.claim_failed(key, conn, refused=True))
+            return CloseReason.FLAPPING
         remote = claim.previous_node not in (None, self.config.node_id)
         outcome = core.claimed(key, conn, claim.epoch, remote)
         self._release(key, outcome.release)
-        return None if outcome.won else CloseReason.TAKEN_OVER
+        if not outcome.won:
+            return CloseReason.TAKEN_OVER
+        if outcome.reassert:
+            with anyio.CancelScope(shield=True):
+                await self._reassert([(key, claim.epoch, conn)])
+            if core.live(key) is not conn:
+                return CloseReason.TAKEN_OVER
+        return None
 
     async def _claim_kept(self, key: str, conn: Hashable) -> None:
         """Available mode: claim a session kept while the store was unreachable."""
@@ -324,6 +351,8 @@ class ClusterNode:
         outcome = await self.claim(conn)
         if outcome is CloseReason.TAKEN_OVER:
             self._taken(conn, "another node")
+        elif outcome is CloseReason.FLAPPING:
+            conn.close(outcome, "flapping across the cluster")
 
     def closed(self, conn: Connection[Any]) -> None:
         """``conn``'s session ended: release its claim when nothing else here holds it."""

@@ -51,6 +51,14 @@ Callback = Callable[[Connection[F]], Awaitable[None]]
 Refuse = Callable[[anyio.abc.ByteStream, float], Awaitable[None]]
 
 
+#: The close details of a hello whose cluster claim did not win, by reason.
+_CLAIM_LOST = {
+    CloseReason.OVERLOADED: "cluster store unreachable",
+    CloseReason.TAKEN_OVER: "a later claim on another node won",
+    CloseReason.FLAPPING: "flapping across the cluster",
+}
+
+
 class Lifecycle(Generic[F]):
     """Runs each accepted connection of one server and keeps count of them."""
 
@@ -309,8 +317,7 @@ class Lifecycle(Generic[F]):
             # across nodes the claim's epoch decides (see _core/ownership.py).
             lost = await cluster.claim(conn)
             if lost is not None:
-                detail = "cluster store unreachable" if lost is CloseReason.OVERLOADED else ""
-                conn._record(lost, detail or "a later claim on another node won")
+                conn._record(lost, _CLAIM_LOST[lost])
                 return False
             if conn.reason is not None:
                 return False  # closed while its claim was in flight (taken over, shutdown)

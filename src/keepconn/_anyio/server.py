@@ -118,7 +118,9 @@ class Server(Generic[F]):
         )
         self._gate = Gatekeeper(self.registry, self.admission, self.flapping, self.address_flapping)
         self._stopping = anyio.Event()
-        self._cluster = None if cluster is None else ClusterNode(cluster, self._emit)
+        self._cluster = (
+            None if cluster is None else ClusterNode(cluster, self._emit, config.flapping)
+        )
         self._lives = Lifecycle(
             config=config,
             gate=self._gate,

@@ -160,6 +160,9 @@ class Claim:
     previous_host: str | None = None
     #: Claims of this identity cluster-wide within the store's recent window (this one too).
     recent: int = 1
+    #: Refused: the identity is flapping cluster-wide (``recent`` over the limit). Nothing was
+    #: claimed and nobody was told.
+    flapping: bool = False
 
 
 @attrs.frozen
@@ -170,6 +173,10 @@ class ClaimOutcome:
     won: bool
     #: An epoch to release now (the connection is gone and nothing else holds the identity).
     release: int | None = None
+    #: The store lost its data while this claim was in flight (the lease was found gone in
+    #: between): its record may be gone with it, so the adapter reasserts it before trusting
+    #: it, as it did for the sessions it held when it found the lease gone.
+    reassert: bool = False
 
 
 @attrs.define(slots=True, eq=False)
@@ -184,6 +191,8 @@ class _Entry:
     seen: int = 0
     # Claims in flight.
     pending: int = 0
+    # The node's lease generation when the last claim was sent.
+    generation: int = 0
 
 
 class Ownership:
@@ -252,6 +261,7 @@ class Ownership:
         entry.live = conn
         entry.live_epoch = None
         entry.pending += 1
+        entry.generation = self.lease_lost
 
     def claimed(self, key: str, conn: Hashable, epoch: int, remote: bool) -> ClaimOutcome:
         """``conn``'s claim got ``epoch``; ``remote``: it took the identity from another node."""
@@ -270,17 +280,21 @@ class Ownership:
             return ClaimOutcome(False)
         if entry.live is conn:
             entry.live_epoch = epoch
-            return ClaimOutcome(True)
+            return ClaimOutcome(True, reassert=entry.generation != self.lease_lost)
         # The connection was closed (or displaced locally) while its claim was in flight.
         return ClaimOutcome(True, self._release_if_idle(key, entry))
 
-    def claim_failed(self, key: str, conn: Hashable) -> int | None:
+    def claim_failed(self, key: str, conn: Hashable, *, refused: bool = False) -> int | None:
         """``conn``'s claim failed (the adapter closes it, or keeps it unclaimed in available
-        mode). Returns an epoch to release, if the identity is left with nothing here."""
-        self.store_failed()
+        mode), or with ``refused`` the store refused it (flapping: the adapter closes it).
+        Returns an epoch to release, if the identity is left with nothing here."""
+        if refused:
+            self.store_ok()
+        else:
+            self.store_failed()
         entry = self._entries[key]
         entry.pending -= 1
-        if entry.live is conn and self.config.mode == "available":
+        if entry.live is conn and self.config.mode == "available" and not refused:
             return None  # kept, unclaimed: reasserted when the store is back
         if entry.live is conn:
             entry.live = None

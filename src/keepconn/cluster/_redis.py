@@ -16,9 +16,14 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import anyio
-import coredis
-import coredis.exceptions
-import coredis.retry
+
+try:
+    import coredis
+    import coredis.exceptions
+    import coredis.retry
+except ImportError as exc:
+    # Name the extra to install, rather than leave a bare "No module named" to puzzle over.
+    raise ImportError("keepconn.cluster needs coredis: pip install 'keepconn[redis]'") from exc
 
 from .._core.errors import StoreUnavailable
 from .._core.ownership import Claim, ClusterConfig, ClusterStats
@@ -28,7 +33,7 @@ __all__ = ["RedisCluster", "node_id_default"]
 
 logger = logging.getLogger("keepconn.cluster")
 
-#: How long a claim counts towards an identity's recent claims (cluster-wide flapping), ms.
+#: The window of an identity's recent claims (ms) when no flapping limit is given.
 _HITS_WINDOW_MS = 60_000
 #: Pause between two attempts to subscribe while the store is unreachable (seconds).
 _RESUBSCRIBE_PAUSE = 0.1
@@ -180,21 +185,29 @@ class RedisCluster:
         self._offset_us = store_us - int((sent + time.time()) / 2 * 1_000_000)
         return bool(int(existed))
 
-    async def claim(self, key: str, host: str) -> Claim:
-        """Claim ``key`` for this node, telling the previous owner (one round trip)."""
+    async def claim(self, key: str, host: str, limit: tuple[int, float] | None = None) -> Claim:
+        """Claim ``key`` for this node, telling the previous owner (one round trip).
+
+        ``limit``: (most claims, window seconds) of the identity cluster-wide; one more is
+        refused (``Claim.flapping``) without touching the current owner."""
         prefix = self._prefix
         if self._offset_us is None:
             raise StoreUnavailable("claim: the store's clock is not known yet (no renewal)")
         deadline = int(time.time() * 1_000_000) + self._offset_us
         deadline += int(self._config.store_timeout * 1_000_000)
+        most, window_ms = (
+            (0, _HITS_WINDOW_MS) if limit is None else (limit[0], int(limit[1] * 1000))
+        )
         reply = await self._script(
             "claim",
             [f"{prefix}:owner:{key}", f"{prefix}:hits:{key}"],
-            [self.node_id, host, prefix, _HITS_WINDOW_MS, key, deadline],
+            [self.node_id, host, prefix, window_ms, key, deadline, most],
         )
         epoch, previous, previous_host, recent = reply
         if epoch == "0":
             raise StoreUnavailable("claim: reached the store after its deadline (a stall)")
+        if epoch == "-1":
+            return Claim(epoch=0, recent=int(recent), flapping=True)
         return Claim(
             epoch=int(epoch),
             previous_node=previous or None,

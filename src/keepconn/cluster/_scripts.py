@@ -3,7 +3,7 @@
 Keys (``P`` is ``ClusterConfig.key_prefix``)::
 
     P:owner:IDENTITY   "EPOCH\\tNODE\\tHOST"   who holds the identity, with its fencing epoch
-    P:hits:IDENTITY    claims in the last window (cluster-wide flapping), expires on its own
+    P:hits:IDENTITY    claims in the current window (cluster-wide flapping), expires with it
     P:node:NODE        the node's lease (PX node_ttl)
     P:evict:NODE       the node's pub/sub channel of eviction notices "IDENTITY\\tEPOCH\\tBY"
 
@@ -12,7 +12,7 @@ while its record exists, and still increasing after the record (or the whole sto
 as long as the store's clock does not go back. They stay below 2^53, so Lua's doubles hold them
 exactly; they travel as decimal strings, never as Lua numbers printed with ``%g``.
 
-The scripts compute the previous owner's lease and channel names from the prefix (a Redis
+The claim script computes the previous owner's channel name from the prefix (a Redis
 Cluster would reject that: one Redis, or a primary with Sentinel, is what this supports).
 """
 
@@ -21,13 +21,20 @@ from __future__ import annotations
 __all__ = ["CLAIM", "RELEASE", "RENEW", "REASSERT"]
 
 #: KEYS: owner, hits. ARGV: node, host, prefix, hits window (ms), identity, deadline (store
-#: time, us). Returns {epoch, previous node or "", previous host or "", recent claims}, or
-#: {"0", ...} when the claim arrived after its deadline: a claim the node gave up on (a stalled
-#: store executes it when it resumes) must not take an identity over after the fact.
+#: time, us), most claims per window (0: no limit).
+#: Returns {epoch, previous node or "", previous host or "", recent claims}, with epoch "0"
+#: when the claim arrived after its deadline (a claim the node gave up on -- a stalled store
+#: runs it when it resumes -- must not take an identity over after the fact) and "-1" when
+#: the identity is flapping cluster-wide (too many claims within the window, on any nodes:
+#: refused without touching its owner).
 CLAIM = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if now > tonumber(ARGV[6]) then return {'0', '', '', 0} end
+local recent = redis.call('INCR', KEYS[2])
+if recent == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+local limit = tonumber(ARGV[7])
+if limit > 0 and recent > limit then return {'-1', '', '', recent} end
 local cur = redis.call('GET', KEYS[1])
 local epoch = now
 local pnode, phost = '', ''
@@ -42,13 +49,11 @@ if cur then
 end
 local es = string.format('%.0f', epoch)
 redis.call('SET', KEYS[1], es .. '\t' .. ARGV[1] .. '\t' .. ARGV[2])
-local recent = redis.call('INCR', KEYS[2])
-if recent == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
 if pnode ~= '' and pnode ~= ARGV[1] then
-  -- Tell the previous owner, if it is alive; a dead node is not waited on, nor told.
-  if redis.call('EXISTS', ARGV[3] .. ':node:' .. pnode) == 1 then
-    redis.call('PUBLISH', ARGV[3] .. ':evict:' .. pnode, ARGV[5] .. '\t' .. es .. '\t' .. ARGV[1])
-  end
+  -- Tell the previous owner; nobody waits on it (a dead node simply has no subscriber).
+  -- Told even when its lease is gone: a node whose lease the store lost is still serving
+  -- until its next renewal, and must not keep a session another node has taken.
+  redis.call('PUBLISH', ARGV[3] .. ':evict:' .. pnode, ARGV[5] .. '\t' .. es .. '\t' .. ARGV[1])
 end
 return {es, pnode, phost, recent}
 """
