@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 
 import anyio
 import pytest
 
-from keepconn import CloseReason, ConnectionClosed
+from keepconn import CloseReason, ConnectionClosed, LineFramer, Server
 from keepconn.cluster import ClusterConfig, ClusterStats, RedisCluster
 from keepconn.testing import RedisServer
+from tests import lineapp
 from tests.cluster.nodes import Node, cluster, redis_client
 from tests.lineapp import Client, closes, wait_for
 from tests.timing import slack
@@ -53,24 +55,36 @@ async def connect_all(nodes: list[Node], per_node: int) -> dict[str, Client]:
     return devices
 
 
+@pytest.mark.parametrize("stall", ["sigstop", "debug-sleep", "client-pause-write"])
 async def test_a_two_second_stall_drops_nothing_and_refuses_new_hellos(
-    redis_server: RedisServer,
+    redis_server: RedisServer, stall: str
 ) -> None:
     async with cluster(redis_server, node_ttl=TTL) as nodes:
         devices = await connect_all(nodes, 5)
-        redis_server.pause()
-        try:
-            await anyio.sleep(0.6)  # a renewal has timed out on every node by now
-            started = time.perf_counter()
-            newcomer = await Client.connect(nodes[1].port)
-            # Refused within the store timeout: no node can prove it owns the identity.
-            assert await newcomer.hello("d0-0") == b"BUSY"
-            assert time.perf_counter() - started < slack(0.7)
-            assert await newcomer.closed_by_server()
-            await newcomer.aclose()
-            await anyio.sleep(1.4)
-        finally:
-            redis_server.resume()
+        async with anyio.create_task_group() as stalling:
+            if stall == "sigstop":
+                redis_server.pause()
+            elif stall == "debug-sleep":
+                # The store itself sleeps 2 s; the command blocks its caller, here a thread.
+                stalling.start_soon(
+                    anyio.to_thread.run_sync, redis_command, redis_server, "DEBUG", "SLEEP", "2"
+                )
+                await anyio.sleep(0.05)
+            else:
+                assert redis_command(redis_server, "CLIENT", "PAUSE", "2000", "WRITE") == b"+OK\r\n"
+            try:
+                await anyio.sleep(0.6)  # a renewal has timed out on every node by now
+                started = time.perf_counter()
+                newcomer = await Client.connect(nodes[1].port)
+                # Refused within the store timeout: no node can prove it owns the identity.
+                assert await newcomer.hello("d0-0") == b"BUSY"
+                assert time.perf_counter() - started < slack(0.7)
+                assert await newcomer.closed_by_server()
+                await newcomer.aclose()
+                await anyio.sleep(1.4)
+            finally:
+                if stall == "sigstop":
+                    redis_server.resume()
         await wait_for(lambda: all(healthy(n) for n in nodes))
         for ident, client in devices.items():
             await client.send(b"DATA " + ident.encode())
@@ -194,3 +208,64 @@ async def test_a_killed_subscription_loses_no_takeover(redis_server: RedisServer
         [taken] = closes(a.events, CloseReason.TAKEN_OVER)
         assert "n9" in taken.detail
         await old.aclose()
+
+
+async def test_a_node_started_without_its_store_refuses_hellos_until_it_is_up(
+    redis_factory: Callable[[], RedisServer],
+) -> None:
+    redis = redis_factory()
+    redis.stop()  # its port is known, nothing listens there
+    store = RedisCluster(redis.url, ClusterConfig(node_id="early", node_ttl=TTL))
+    server: Server[bytes] = Server(
+        identify=lineapp.identify,
+        handler=lineapp.handler,
+        framer=lambda: LineFramer(max_length=1024),
+        refuse=lineapp.refuse,
+        cluster=store,
+    )
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        try:
+            client = await Client.connect(port)
+            assert await client.hello("dev") == b"BUSY"
+            await client.aclose()
+            redis.start()
+            with anyio.fail_after(slack(3)):
+                while not (stats := store.stats()) or not stats.store_healthy:
+                    await anyio.sleep(0.02)
+            client = await Client.connect(port)
+            assert await client.hello("dev") == b"OK"
+            await client.aclose()
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(slack(10)):
+                await server.shutdown()
+
+
+async def test_available_mode_keeps_serving_without_the_store_and_claims_on_its_return(
+    redis_server: RedisServer,
+) -> None:
+    async with cluster(redis_server, 2, node_ttl=TTL, mode="available") as (a, b):
+        kept = await Client.connect(a.port)
+        assert await kept.hello("kept") == b"OK"
+        redis_server.stop()
+        await wait_for(lambda: not healthy(a))
+        # Admitted unclaimed while the store is gone, and nothing is closed past the lease.
+        unclaimed = await Client.connect(b.port)
+        assert await unclaimed.hello("unclaimed") == b"OK"
+        await anyio.sleep(TTL + 0.5)
+        for client, name in ((kept, b"k"), (unclaimed, b"u")):
+            await client.send(b"DATA " + name)
+            assert await client.line() == b"ACK " + name
+        assert not closes(a.events + b.events, CloseReason.OWNERSHIP_LOST)
+        # The store comes back empty: the kept session is reasserted, the unclaimed one claimed.
+        redis_server.start()
+        async with redis_client(redis_server) as redis:
+            with anyio.fail_after(slack(5)):
+                while True:
+                    owners = [await redis.get(f"keepconn:owner:{k}") for k in ("kept", "unclaimed")]
+                    if all(owners):
+                        break
+                    await anyio.sleep(0.05)
+        assert [o.split("\t")[1] for o in owners if o] == ["n0", "n1"]
+        for client in (kept, unclaimed):
+            await client.aclose()

@@ -169,3 +169,24 @@ async def test_a_device_bouncing_between_nodes_is_caught_as_flapping(
             "flapping across the cluster"
         ] * 2
         await held.aclose()
+
+
+async def test_a_nodes_cluster_metrics(redis_server: RedisServer) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from keepconn.metrics import ServerCollector
+
+    async with cluster(redis_server, 2) as (a, b):
+        registry = CollectorRegistry()
+        ServerCollector(a.server, registry=registry)
+        old = await Client.connect(a.port)
+        assert await old.hello("dev") == b"OK"
+        new = await Client.connect(b.port)
+        assert await new.hello("dev") == b"OK"
+        assert await old.closed_by_server()
+        await wait_for(lambda: registry.get_sample_value("keepconn_cluster_owned_sessions") == 0)
+        assert registry.get_sample_value("keepconn_cluster_store_healthy") == 1
+        assert registry.get_sample_value("keepconn_cluster_remote_takeovers_total") == 1
+        assert registry.get_sample_value("keepconn_cluster_store_round_trips_total") >= 2  # type: ignore[operator]
+        for client in (old, new):
+            await client.aclose()

@@ -351,6 +351,8 @@ class ClusterNode:
         outcome = await self.claim(conn)
         if outcome is CloseReason.TAKEN_OVER:
             self._taken(conn, "another node")
+        elif outcome is CloseReason.FLAPPING:
+            conn.close(outcome, "flapping across the cluster")
 
     def closed(self, conn: Connection[Any]) -> None:
         """``conn``'s session ended: release its claim when nothing else here holds it."""

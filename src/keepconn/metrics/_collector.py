@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn, get_args
 
 try:
@@ -31,6 +31,7 @@ from .._core.events import (
     SessionReaped,
     SocketAudit,
 )
+from .._core.ownership import ClusterStats
 from .._core.reasons import CloseReason
 
 __all__ = [
@@ -309,6 +310,9 @@ class ServerCollector:
             None if s is None else self._resolution,
             "seconds",
         )
+        cluster = None if s is None else s.cluster
+        if s is None or cluster is not None:
+            yield from _cluster_families(gauge, counter, cluster)
         yield from _read(self._lateness, s)
         yield from _read(self._durations_family, s)
         yield from _read(self._rtt, s)
@@ -349,6 +353,51 @@ class ServerCollector:
                 ),
             ):
                 yield gauge(name, doc, None if audit is None else getattr(audit, key))
+
+
+def _cluster_families(
+    gauge: Callable[[str, str, float | None], Metric],
+    counter: Callable[[str, str, int | None], Metric],
+    c: ClusterStats | None,
+) -> Iterator[Metric]:
+    """The node's cluster metrics (keepconn.cluster), when the server is a cluster node."""
+    yield gauge(
+        "cluster_store_healthy",
+        "1 if the node's last store call succeeded, else 0.",
+        None if c is None else float(c.store_healthy),
+    )
+    yield gauge(
+        "cluster_owned_sessions",
+        "Sessions whose claim the store confirmed.",
+        None if c is None else c.owned,
+    )
+    yield gauge(
+        "cluster_lease_left_seconds",
+        "Seconds the node's lease is still known valid.",
+        None if c is None else c.lease_left,
+    )
+    for name, doc, key in (
+        (
+            "cluster_took_from_remote",
+            "Claims that took an identity from another node.",
+            "took_from_remote",
+        ),
+        (
+            "cluster_remote_takeovers",
+            "Sessions here taken over by another node's claim.",
+            "remote_takeovers",
+        ),
+        (
+            "cluster_ownership_lost",
+            "Sessions closed OWNERSHIP_LOST (store gone past the lease).",
+            "ownership_lost",
+        ),
+        ("cluster_refused", "Hellos refused because the store was unreachable.", "refused"),
+        ("cluster_store_round_trips", "Store calls completed.", "store_round_trips"),
+        ("cluster_store_errors", "Store calls failed or timed out.", "store_errors"),
+        ("cluster_lease_lost", "Times the node found its lease gone and reasserted.", "lease_lost"),
+    ):
+        yield counter(name, doc, None if c is None else getattr(c, key))
 
 
 def _read(histogram: Histogram, stats: ServerStats | None) -> Iterator[Metric]:

@@ -115,6 +115,9 @@ class RedisServer:
             "no",
             "--logfile",
             os.path.join(self._dir.name, "redis.log"),
+            # Tests stall it with DEBUG SLEEP too (from loopback only).
+            "--enable-debug-command",
+            "local",
             *self._extra_args,
         ]
         self._process = subprocess.Popen(
