@@ -60,7 +60,7 @@ from device_gateway.mqtt_codec import (
     encode,
 )
 from keepconn import Backoff
-from storm_trace import PINGS_KEPT, LagMonitor, drop_record
+from storm_trace import PINGS_KEPT, LagMonitor, drop_record, local_address
 
 #: Linux's IP_BIND_ADDRESS_NO_PORT (Python exposes it from 3.12 only): bind() picks the source
 #: address, connect() picks the port against the full 4-tuple, so each source address brings
@@ -70,14 +70,6 @@ TICK = 0.25
 NAIVE_RETRY = 1.0
 _PINGREQ = encode(Pingreq())
 _DISCONNECT = encode(Disconnect())
-
-
-def _local(sock: socket.socket) -> str:
-    try:
-        host, port = sock.getsockname()[:2]
-    except OSError:
-        return ""
-    return f"{host}:{port}"
 
 
 class Link(asyncio.Protocol):
@@ -233,7 +225,7 @@ class Device:
             sock.bind((self.source, 0))
             sock.setblocking(False)
             await loop.sock_connect(sock, (worker.host, worker.port))
-            self.trying = [_local(sock), "link"]
+            self.trying = [local_address(sock), "link"]
             worker.awaiting += 1
             try:
                 # Under TLS the handshake is part of the connect, inside connect_timeout.
@@ -250,7 +242,7 @@ class Device:
             finally:
                 worker.awaiting -= 1
         except OSError as exc:
-            self.trying[0] = self.trying[0] or _local(sock)
+            self.trying[0] = self.trying[0] or local_address(sock)
             if link is not None:
                 link.abort()
             else:
@@ -260,12 +252,14 @@ class Device:
             if isinstance(exc, ssl.SSLError):
                 # SSLError's errno is OpenSSL's, not an errno: name what TLS said instead.
                 return f"tls_{(exc.reason or 'error').lower()}"
-            if link is None and worker.tls is not None and self._handshaking(exc):
+            if link is None and worker.tls is not None and isinstance(exc, ConnectionError):
+                # The server closed or reset while the TLS handshake ran (after sock_connect):
+                # asyncio reports a connection error with no TLS alert.
                 return "tls_closed_in_handshake"
             return f"connect_{errno.errorcode.get(exc.errno or 0, 'error')}"
         except BaseException:
             # Timed out (cancelled by wait_for) or quitting: never leave a socket behind.
-            self.trying[0] = self.trying[0] or _local(sock)
+            self.trying[0] = self.trying[0] or local_address(sock)
             if link is not None:
                 link.abort()
             else:
@@ -277,12 +271,6 @@ class Device:
         self.link = link
         self.state = "online"
         return "ok"
-
-    @staticmethod
-    def _handshaking(exc: OSError) -> bool:
-        # The server closed or reset while the TLS handshake ran (after sock_connect): asyncio
-        # reports a connection error with no TLS alert.
-        return isinstance(exc, (ConnectionError, ConnectionAbortedError))
 
     # -- one session
 

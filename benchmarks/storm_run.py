@@ -29,6 +29,9 @@ SAMPLE = 0.5
 #: The naive gateway's sweep interval (its default), part of the settle time.
 NAIVE_SWEEP = 5.0
 TIMEOUT_REASONS = ("IDLE_TIMEOUT", "HEARTBEAT_TIMEOUT", "KEEPALIVE_TIMEOUT")
+#: The devices' source addresses (127.0.1.x, see storm.py): how the census tells their
+#: connections from anything else on the shared loopback.
+DEVICES = "127.0.1."
 
 
 @attrs.frozen
@@ -178,11 +181,16 @@ def run_one(
                 row["server_gone"] = True
             if now >= next_census:
                 # About 50 ms of parsing at 30,000 sockets: once a second is plenty.
-                # Only the server's end: a device socket whose ephemeral port happens to equal
-                # the server's port has the same local port but a 127.0.1.x address.
+                # Only the server's end of the devices' connections: a device socket whose
+                # ephemeral port happens to equal the server's port has the same local port but
+                # a 127.0.1.x address, and so may another program's client on 127.0.0.1 (the
+                # machine is shared), whose remote end is not a device's 127.0.1.x. The probe
+                # (from 127.0.0.1) is left out with them.
                 census_started = time.monotonic()
                 found = Counter(
-                    row.state for row in census(port).sockets if row.local_address == "127.0.0.1"
+                    row.state
+                    for row in census(port).sockets
+                    if row.local_address == "127.0.0.1" and row.remote_address.startswith(DEVICES)
                 )
                 last_census = {
                     "established": found["ESTABLISHED"],
@@ -191,9 +199,9 @@ def run_one(
                 row["census_ms"] = 1000.0 * (time.monotonic() - census_started)
                 next_census = now + 1.0
                 row.update(last_census)
-                # Everything ESTABLISHED that no device holds as live or connecting, and that is
-                # not the probe: an old connection the server never let go of.
-                held = row.get("online", 0) + row.get("awaiting", 0) + 1
+                # Everything ESTABLISHED that no device holds as live or connecting: an old
+                # connection the server never let go of.
+                held = row.get("online", 0) + row.get("awaiting", 0)
                 row["phantom_established"] = max(0, last_census["established"] - held)
             samples.append(row)
             return row

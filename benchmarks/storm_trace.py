@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import socket
 import time
 from typing import Any, Protocol
 
@@ -25,6 +26,15 @@ LAG_INTERVAL = 0.05
 STALL = 0.5
 #: PINGREQs remembered per connection (the newest): enough to see the schedule around a drop.
 PINGS_KEPT = 32
+
+
+def local_address(sock: socket.socket) -> str:
+    """``host:port`` of the socket's own end ("" once it is closed)."""
+    try:
+        host, port = sock.getsockname()[:2]
+    except OSError:
+        return ""
+    return f"{host}:{port}"
 
 
 class LinkView(Protocol):
