@@ -47,7 +47,11 @@ STORE_TIMEOUT = 0.5
 
 
 def start_nodes(
-    start: Callable[..., RunningGateway], url: str, count: int = 3, *urls: str
+    start: Callable[..., RunningGateway],
+    url: str,
+    count: int = 3,
+    *urls: str,
+    extra: tuple[str, ...] = (),
 ) -> list[RunningGateway]:
     """``count`` gateway nodes on the store at ``url`` (or node i on ``urls[i]`` if given)."""
     nodes = []
@@ -63,6 +67,7 @@ def start_nodes(
                 str(NODE_TTL),
                 "--store-timeout",
                 str(STORE_TIMEOUT),
+                *extra,
             )  # fmt: skip
         )
     for node in nodes:
@@ -289,7 +294,10 @@ def concurrent_connects(clients: list[RawClient], client_id: str) -> list[Any]:
 def test_one_winner_among_concurrent_connects_of_one_client_id(
     start_gateway: Callable[..., RunningGateway], redis_server: RedisServer
 ) -> None:
-    nodes = start_nodes(start_gateway, redis_server.url)
+    # Flapping off: 30 hellos of one id in a second are a flapping ban by design, and with the
+    # ban on, a hello refused by the cluster-wide count after its local takeover leaves no
+    # winner at all (a known defect, issue 12's note). This test is about the claims' race.
+    nodes = start_nodes(start_gateway, redis_server.url, extra=("--no-flapping",))
     for round_ in range(3):
         clients = [RawClient(nodes[i % 3].port) for i in range(30)]
         codes = concurrent_connects(clients, "contested")
