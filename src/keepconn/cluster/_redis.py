@@ -25,6 +25,7 @@ except ImportError as exc:
     # Name the extra to install, rather than leave a bare "No module named" to puzzle over.
     raise ImportError("keepconn.cluster needs coredis: pip install 'keepconn[redis]'") from exc
 
+from .._anyio.failures import errors_in
 from .._core.errors import StoreUnavailable
 from .._core.ownership import Claim, ClusterConfig, ClusterStats
 from . import _scripts
@@ -38,13 +39,15 @@ _HITS_WINDOW_MS = 60_000
 #: Pause between two attempts to subscribe while the store is unreachable (seconds).
 _RESUBSCRIBE_PAUSE = 0.1
 
-#: What coredis raises when the store is gone, slow or refusing.
-_FAILURES: tuple[type[BaseException], ...] = (
+#: What coredis raises when the store is gone, slow or refusing (anyio's stream errors included).
+_FAILURES: tuple[type[Exception], ...] = (
     coredis.exceptions.RedisError,
     ConnectionError,
     OSError,
     TimeoutError,
     EOFError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
 )
 
 
@@ -52,23 +55,10 @@ def _store_failure(exc: BaseException) -> bool:
     """True if ``exc`` (or every member of its groups but cancellations: coredis raises from
     task groups) is the store failing, not a bug. A cancellation beside it is not lost: the
     caller's next checkpoint raises it again, its scope being cancelled still."""
-    cancelled = anyio.get_cancelled_exc_class()
-    found = False
-    pending = [exc]
-    while pending:
-        item = pending.pop()
-        members = getattr(item, "exceptions", None)
-        if isinstance(members, tuple):
-            pending.extend(m for m in members if isinstance(m, BaseException))
-        elif isinstance(item, cancelled):
-            continue
-        elif isinstance(item, _FAILURES) or isinstance(item, anyio.BrokenResourceError):
-            found = True
-        elif isinstance(item, anyio.ClosedResourceError):
-            found = True
-        else:
-            return False
-    return found
+    errors = errors_in(exc)  # the server's own walk of exception groups
+    if not errors:  # None (a KeyboardInterrupt and the like) or only cancellations
+        return False
+    return all(isinstance(error, _FAILURES) for error in errors)
 
 
 def node_id_default() -> str:
