@@ -39,13 +39,9 @@ from .._core.registry import Session
 from .cluster import ClusterNode
 from .connection import Connection
 from .failures import Failure, errors_in, first_failure
+from .takeover import welcome_answered
 
 __all__ = ["Lifecycle"]
-
-#: Seconds a takeover waits at most for the peer's kernel to acknowledge the new connection's
-#: welcome (a round trip; see Lifecycle._welcome_answered). Past it the takeover goes ahead, as
-#: it would where the kernel cannot say: the wait only bounds what a slow link costs.
-TAKEOVER_CONFIRM = 2.0
 
 logger = logging.getLogger("keepconn.server")
 
@@ -307,7 +303,7 @@ class Lifecycle(Generic[F]):
         if hello.welcome is not None and self._gate.takes_over(identity, conn):
             # A takeover resets a live session, so first make sure this peer is still there.
             welcomed = True
-            if not await self._welcome_answered(conn, hello.welcome):
+            if not await welcome_answered(conn, hello.welcome):
                 stale = self._gate.refuse_stale(
                     "the peer reset the connection on its welcome: it had given up on it"
                 )
@@ -356,33 +352,6 @@ class Lifecycle(Generic[F]):
         # refuse callback is for connections refused before their hello was read.
         hint = None if hello.refusal is not None or welcomed else refusal.retry_after
         await self._refuse_connection(conn, refusal, hint)
-
-    async def _welcome_answered(self, conn: Connection[F], welcome: bytes) -> bool:
-        """Send the welcome; False if the peer's kernel answers it with a reset.
-
-        Under a listen-queue overflow the kernel completes some connections late (from a SYN
-        cookie, or when a retransmitted ACK finds room), after the newer connection the
-        device opened once it gave up on this one: accept order then puts the abandoned
-        connection last, and its CONNECT (retransmitted by the device's kernel) would take
-        the live session over. Nothing on the server's side tells the two apart before a
-        byte goes out, but a peer that closed its socket answers data with a reset, and a
-        live one acknowledges it within a round trip. Where the kernel cannot say (no
-        SIOCOUTQ), or past TAKEOVER_CONFIRM, the takeover goes ahead.
-        """
-        try:
-            await conn.send(welcome)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            return False
-        deadline = anyio.current_time() + TAKEOVER_CONFIRM
-        pause = 0.001
-        while True:
-            if conn._peer_gone():
-                return False
-            waiting = conn._unacknowledged()
-            if not waiting or anyio.current_time() >= deadline:
-                return True
-            await anyio.sleep(pause)
-            pause = min(2 * pause, 0.05)
 
     def _verdict(self, conn: Connection[F], identity: Hashable) -> Refusal | None:
         """The gatekeeper's verdict on an authenticated hello: None if it may open."""
