@@ -313,45 +313,40 @@ class Lifecycle(Generic[F]):
                 conn._record(CloseReason.SHUTDOWN)
                 return False, True
         if cluster is not None:
+            # One hello per identity at a time on this node, from the verdict through the
+            # claim to the open: only a claim that won displaces the local session.
             key = str(identity)
             async with cluster.turn(key):
-                return await self._open_claimed(conn, hello, cluster, key, welcomed), welcomed
-        refusal = self._verdict(conn, identity)
-        if refusal is None:
-            # Synchronous from the verdict to the open: no other task can interleave, so of
-            # any number of concurrent hellos for one identity exactly one session is live.
-            self._open(conn, hello, identity)
-            return True, welcomed
-        await self._refuse_hello(conn, hello, refusal, welcomed)
-        return False, welcomed
-
-    async def _open_claimed(
-        self, conn: Connection[F], hello: Hello, cluster: ClusterNode, key: str, welcomed: bool
-    ) -> bool:
-        """In the node's turn for the identity: the verdict, the claim, then the open. True if
-        the session opened. The local session (if any) is displaced only by a claim that won:
-        one refused cluster-wide or failed leaves it serving."""
-        identity = hello.identity
-        refusal = self._verdict(conn, identity)
-        if refusal is not None:
-            await self._refuse_hello(conn, hello, refusal, welcomed)
-            return False
-        lost = await cluster.claim(key, conn)
-        if lost is not None:
-            conn._record(*lost)
-            return False
-        self._open(conn, hello, identity)
-        # Closed while its claim was in flight (shutdown, the store's reassert lost)? Its
-        # session is open now, so its close releases the claim.
-        return conn.reason is None
-
-    async def _refuse_hello(
-        self, conn: Connection[F], hello: Hello, refusal: Refusal, welcomed: bool
-    ) -> None:
+                refusal = self._verdict(conn, identity)
+                if refusal is None:
+                    return await self._claim_and_open(conn, hello, cluster, key), welcomed
+        else:
+            refusal = self._verdict(conn, identity)
+            if refusal is None:
+                # Synchronous from the verdict to the open: no other task can interleave, so
+                # of any number of concurrent hellos for one identity exactly one is live.
+                self._open(conn, hello, identity)
+                return True, welcomed
         # The application's own refusal (hello.refusal) speaks its protocol; the generic
         # refuse callback is for connections refused before their hello was read.
         hint = None if hello.refusal is not None or welcomed else refusal.retry_after
         await self._refuse_connection(conn, refusal, hint)
+        return False, welcomed
+
+    async def _claim_and_open(
+        self, conn: Connection[F], hello: Hello, cluster: ClusterNode, key: str
+    ) -> bool:
+        """In the node's turn for the identity, after the verdict: True if the claim won and
+        the session opened (displacing the local one); a claim refused cluster-wide or failed
+        leaves the local session serving."""
+        lost = await cluster.claim(key, conn)
+        if lost is not None:
+            conn._record(*lost)
+            return False
+        self._open(conn, hello, hello.identity)
+        # Closed while its claim was in flight (shutdown, the store's reassert lost)? Its
+        # session is open now, so its close releases the claim.
+        return conn.reason is None
 
     def _verdict(self, conn: Connection[F], identity: Hashable) -> Refusal | None:
         """The gatekeeper's verdict on an authenticated hello: None if it may open."""
