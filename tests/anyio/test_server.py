@@ -21,7 +21,7 @@ from keepconn import (
     SessionTakenOver,
 )
 from keepconn.tcp import census
-from tests.lineapp import RECEIVED, Client, closes, own_sockets, serving, wait_for
+from tests.lineapp import RECEIVED, Client, closes, make_server, own_sockets, serving, wait_for
 from tests.timing import slack
 
 pytestmark = pytest.mark.anyio
@@ -347,6 +347,28 @@ async def test_opened_events_and_stats() -> None:
         await client.aclose()
 
 
+def test_stats_can_be_read_before_and_after_the_server_serves() -> None:
+    # A metrics collector registered at start-up may be scraped before serve() runs and
+    # after it returned, from a thread with no event loop.
+    server = make_server(ServerConfig(**BASE))
+    before = server.stats()
+    assert before.connections == 0 and before.accepted == 0
+
+    async def serve_one() -> None:
+        async with anyio.create_task_group() as tasks:
+            [(_, port), *_] = await tasks.start(
+                lambda task_status: server.serve_tcp("127.0.0.1", 0, task_status=task_status)
+            )
+            client = await Client.connect(port)
+            assert await client.hello("x") == b"OK"
+            await client.aclose()
+            await server.shutdown()
+
+    anyio.run(serve_one)
+    after = server.stats()
+    assert after.accepted == 1 and after.connections == 0
+
+
 def test_config_is_validated_when_built() -> None:
     with pytest.raises(ConfigError, match="hello_timeout"):
         ServerConfig(hello_timeout=0)
@@ -408,8 +430,6 @@ async def test_serves_ipv6_too() -> None:
 
 
 async def test_serve_accepts_anyio_multilistener() -> None:
-    from tests.lineapp import make_server
-
     server = make_server(ServerConfig(**BASE))
     multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     async with anyio.create_task_group() as tasks:

@@ -14,6 +14,7 @@ import random
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -399,9 +400,10 @@ class Server(Generic[F]):
     def stats(self) -> ServerStats:
         """A frozen snapshot of the server's counters.
 
-        Once the server is serving, any thread may ask: from a thread other than the event
-        loop's (a Prometheus scrape in prometheus_client's HTTP thread, say) the snapshot is
-        taken on the event loop, between two of its steps, and the call waits for it.
+        Any thread may ask, before, while and after the server serves. From a thread other
+        than the event loop's while it serves (a Prometheus scrape in prometheus_client's HTTP
+        thread, say) the snapshot is taken on the event loop, between two of its steps, and
+        the call waits for it.
         """
         loop = self._loop
         if loop is not None and loop[0] != threading.get_ident():
@@ -409,7 +411,12 @@ class Server(Generic[F]):
         return self._snapshot()
 
     def _snapshot(self) -> ServerStats:
-        now = anyio.current_time()
+        try:
+            now = anyio.current_time()
+        except anyio.NoEventLoopError:
+            # Asked before serve() or after it, off any event loop: the counters stand still
+            # and only the rate windows need a time (asyncio's clock is this one).
+            now = time.monotonic()
         lives = self._lives
         return ServerStats(
             connections=len(lives.connections),
