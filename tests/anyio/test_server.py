@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import anyio
@@ -330,6 +331,29 @@ async def test_census_agrees_with_the_registry() -> None:
         await lurker.aclose()
         for client in clients[20:]:
             await client.aclose()
+
+
+async def test_the_audit_counts_only_the_server_s_own_address() -> None:
+    # Another listener on the same port number but another address (in this process, so its
+    # sockets are this process's too): its connections are not the server's, and must not
+    # count as the server's phantoms.
+    async with serving(ServerConfig(**BASE)) as (server, port):
+        client = await Client.connect(port)
+        assert await client.hello("mine") == b"OK"
+        with socket.socket() as other:
+            other.bind(("127.0.0.2", port))
+            other.listen()
+            with socket.create_connection(("127.0.0.2", port)) as stranger:
+                accepted, _ = other.accept()
+                with accepted:
+                    assert any(
+                        row.local_address == "127.0.0.2" and row.state == "ESTABLISHED"
+                        for row in census(port).sockets
+                    )
+                    audit = await server.audit()
+                    assert stranger.fileno() >= 0
+        assert (audit.established, audit.with_session, audit.phantoms) == (1, 1, 0)
+        await client.aclose()
 
 
 async def test_opened_events_and_stats() -> None:

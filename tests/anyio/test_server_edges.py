@@ -290,10 +290,10 @@ async def test_a_connection_born_and_closed_during_the_audit_read_is_no_phantom(
     real_read = server_module._own_rows
     reading, opened, read, finished = (threading.Event() for _ in range(4))
 
-    def held_read(ports: frozenset[int]) -> object:
+    def held_read(addresses: tuple[tuple[str, int], ...]) -> object:
         reading.set()
         assert opened.wait(10)
-        rows = real_read(ports)
+        rows = real_read(addresses)
         read.set()
         assert finished.wait(10)
         return rows
