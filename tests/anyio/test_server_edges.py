@@ -15,6 +15,7 @@ from keepconn import (
     AddressFlappingConfig,
     CloseReason,
     Connection,
+    FlappingConfig,
     Hello,
     LineFramer,
     Server,
@@ -382,3 +383,20 @@ async def test_a_busy_handler_does_not_make_its_peer_s_answers_missed_pings() ->
     assert closes(events, CloseReason.HEARTBEAT_TIMEOUT) == []
     assert closes(events, CloseReason.APPLICATION) != []
     assert server.stats().spared >= 1
+
+
+async def test_a_banned_hello_beside_a_live_session_is_refused_not_welcomed_first() -> None:
+    # The verdict comes before any answer: a takeover's welcome goes out first (to prove the
+    # peer is still there) only for a hello that may take over at all.
+    events: list[ServerEvent] = []
+    config = ServerConfig(flapping=FlappingConfig(max_hellos=2, window=60), admission=None)
+    async with serving(config, events=events) as (_, port):
+        clients = [await Client.connect(port) for _ in range(3)]
+        answers = [await client.hello("flapper") for client in clients]
+        assert answers == [b"OK", b"OK", b"BUSY"]
+        assert await clients[2].closed_by_server()
+        await clients[1].send(b"DATA kept")
+        assert await clients[1].line() == b"ACK kept"
+        assert len(closes(events, CloseReason.FLAPPING)) == 1
+        for client in clients:
+            await client.aclose()

@@ -299,8 +299,11 @@ class Lifecycle(Generic[F]):
                 refused = Refusal(CloseReason.OVERLOADED, "cluster store unreachable", hint)
                 await self._refuse_connection(conn, refused, None if hello.refusal else hint)
                 return False, False
+        # The verdict before any answer: a refused hello is told so (hello.refusal), never
+        # welcomed first.
+        refusal = self._verdict(conn, identity)
         welcomed = False
-        if hello.welcome is not None and self._gate.takes_over(identity, conn):
+        if refusal is None and hello.welcome is not None and self._gate.takes_over(identity, conn):
             # A takeover resets a live session, so first make sure this peer is still there.
             welcomed = True
             if not await welcome_answered(conn, hello.welcome):
@@ -312,21 +315,22 @@ class Lifecycle(Generic[F]):
             if self._stopping.is_set() or conn.reason is not None:
                 conn._record(CloseReason.SHUTDOWN)
                 return False, True
-        if cluster is not None:
-            # One hello per identity at a time on this node, from the verdict through the
-            # claim to the open: only a claim that won displaces the local session.
+            # A newer connection may have opened the session while the welcome was out.
+            refusal = self._gate.stale_hello(identity, conn)
+        if refusal is None and cluster is not None:
+            # One hello per identity at a time on this node, from here through the claim to
+            # the open: only a claim that won displaces the local session. A newer connection
+            # may have opened the session while this one waited for its turn.
             key = str(identity)
             async with cluster.turn(key):
-                refusal = self._verdict(conn, identity)
+                refusal = self._gate.stale_hello(identity, conn)
                 if refusal is None:
                     return await self._claim_and_open(conn, hello, cluster, key), welcomed
-        else:
-            refusal = self._verdict(conn, identity)
-            if refusal is None:
-                # Synchronous from the verdict to the open: no other task can interleave, so
-                # of any number of concurrent hellos for one identity exactly one is live.
-                self._open(conn, hello, identity)
-                return True, welcomed
+        elif refusal is None:
+            # Synchronous from the last check to the open: no other task can interleave, so
+            # of any number of concurrent hellos for one identity exactly one is live.
+            self._open(conn, hello, identity)
+            return True, welcomed
         # The application's own refusal (hello.refusal) speaks its protocol; the generic
         # refuse callback is for connections refused before their hello was read.
         hint = None if hello.refusal is not None or welcomed else refusal.retry_after
@@ -336,7 +340,7 @@ class Lifecycle(Generic[F]):
     async def _claim_and_open(
         self, conn: Connection[F], hello: Hello, cluster: ClusterNode, key: str
     ) -> bool:
-        """In the node's turn for the identity, after the verdict: True if the claim won and
+        """In the node's turn for the identity, after the checks: True if the claim won and
         the session opened (displacing the local one); a claim refused cluster-wide or failed
         leaves the local session serving."""
         lost = await cluster.claim(key, conn)

@@ -156,14 +156,10 @@ class Gatekeeper:
         """After an authenticated hello: the refusal of ``conn``'s hello for ``identity``, or
         None if its session may open (the hello is counted for flapping either way). A server
         in a cluster asks the store between this and :meth:`open`."""
+        stale = self.stale_hello(identity, conn)
+        if stale is not None:
+            return stale
         old = self.registry.get(identity)
-        if old is not None:
-            incumbent: Candidate = old.conn
-            if conn.order < incumbent.order:
-                self.stale += 1
-                return Refusal(
-                    CloseReason.STALE_HELLO, f"a newer connection holds {identity!r}'s session"
-                )
         if self.admission is not None:
             decision = self.admission.admit_session(
                 now, len(self.registry), takeover=old is not None
@@ -180,6 +176,19 @@ class Gatekeeper:
                 duplicate = verdict if verdict.kind is VerdictKind.DUPLICATE else None
                 return Refusal(CloseReason.FLAPPING, detail, duplicate=duplicate)
         return None
+
+    def stale_hello(self, identity: Hashable, conn: Candidate) -> Refusal | None:
+        """STALE_HELLO if ``identity``'s live session is on a connection accepted after
+        ``conn`` (part of :meth:`verdict`; asked again before :meth:`open` by a server that
+        awaited something in between, when a newer connection may have opened it)."""
+        old = self.registry.get(identity)
+        if old is None:
+            return None
+        incumbent: Candidate = old.conn
+        if conn.order >= incumbent.order:
+            return None
+        self.stale += 1
+        return Refusal(CloseReason.STALE_HELLO, f"a newer connection holds {identity!r}'s session")
 
     def open(
         self, now: float, identity: Hashable, conn: Candidate, *, timeout: float | None = None
