@@ -43,6 +43,7 @@ def table(results: list[dict[str, Any]]) -> str:
             lambda f: f"{show(f.get('device_lag_p99_ms'))}/{show(f.get('device_lag_max_ms'))}",
         ),
         ("OVERLOADED closes", lambda f: show(f.get("overloaded_closes"))),
+        ("... refused for loop lag", lambda f: show(f.get("loop_lag_refusals"))),
         ("retry hints given", lambda f: show(f.get("retry_hints"))),
         ("server timeout closes", lambda f: show(f["server_timeout_closes"])),
         ("phantom ESTABLISHED, peak", lambda f: show(f["phantom_established_peak"])),
@@ -51,6 +52,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ("old conns still open, settled", lambda f: show(f["old_connections_open_end"])),
         ("CLOSE_WAIT, peak", lambda f: show(f["close_wait_peak"])),
         ("CLOSE_WAIT, settled", lambda f: show(f["close_wait_end"])),
+        ("... not yet accepted", lambda f: show(f.get("close_wait_unaccepted_end"))),
         ("connect attempts", lambda f: show(f["attempts"])),
         (
             "failed attempts",
