@@ -382,10 +382,6 @@ def summarise(
         "tls": params.tls,
         "handshake_rate_peak": round_or_none(max(storm_made, default=None)),
         "overloaded_closes": (final_status or {}).get("closed", {}).get("OVERLOADED"),
-        # OVERLOADED closes refused because the loop lagged (the gateway's admission counters).
-        "loop_lag_refusals": ((trace or {}).get("admission") or {})
-        .get("refused", {})
-        .get("loop_lag"),
         "retry_hints": None if trace is None else trace["retry_hints"]["count"],
         "admission_refused": None if trace is None else trace.get("admission"),
         "server_timeout_closes": server_timeouts,

@@ -120,7 +120,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             accept_burst=args.accept_burst,
             max_pending_hellos=args.max_pending_hellos,
             max_sessions=args.max_sessions,
-            max_loop_lag=None if args.no_lag_shedding else args.max_loop_lag,
+            max_loop_lag=None if args.no_load_shedding else args.max_loop_lag,
+            max_accept_delay=None if args.no_load_shedding else args.max_accept_delay,
         )
     flapping = None
     if not args.no_flapping:

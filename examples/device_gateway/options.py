@@ -93,7 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="refuse new connections while the event loop lags more, s",
     )
-    p.add_argument("--no-lag-shedding", action="store_true", help="never refuse for loop lag")
+    p.add_argument(
+        "--max-accept-delay",
+        type=pos_f,
+        default=2.0,
+        help="refuse connections that waited longer in the listen queue, s",
+    )
+    p.add_argument(
+        "--no-load-shedding", action="store_true", help="no refusals for loop lag or queue delay"
+    )
     p.add_argument("--no-admission", action="store_true", help="admit every connection")
     p.add_argument("--flap-max-hellos", type=pos_i, default=15, help="CONNECTs per window")
     p.add_argument("--flap-window", type=pos_f, default=60.0, help="flapping window, s")

@@ -96,6 +96,7 @@ async def test_a_fin_during_the_handshake_closes_the_connection_at_once(
         await wait_for(lambda: server.stats().connections == 0, timeout=slack(5))
         assert time.monotonic() - started < slack(5) < HELLO_TIMEOUT
         [closed] = closes(events, CloseReason.PEER_CLOSED)
-        assert "TLS handshake" in closed.detail
+        # A FIN that came before the server accepted is seen at accept, before any handshake.
+        assert "TLS handshake" in closed.detail or closed.detail == "gone before it was accepted"
         assert closes(events, CloseReason.HELLO_TIMEOUT) == []
         await wait_for(lambda: server_states(port).get("CLOSE_WAIT", 0) == 0, timeout=slack(2))

@@ -1,4 +1,5 @@
-"""Load shedding on event-loop lag, through the sans-I/O core with explicit ``now``."""
+"""Load shedding on the listen queue's delay and on event-loop lag, through the sans-I/O core
+with explicit ``now``."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from keepconn._core.lag import LagGauge
 
 
 def controller(**fields: object) -> AdmissionController:
-    # Rate and hello limits off: only the lag can refuse.
+    # Rate, hello and queue-delay limits off: only the lag can refuse.
+    fields.setdefault("max_accept_delay", None)
     config = AdmissionConfig(accept_rate=None, max_pending_hellos=None, **fields)  # type: ignore[arg-type]
     return AdmissionController(config, rng=random.Random(7))
 
@@ -174,3 +176,42 @@ def test_a_probe_on_time_never_refuses(jitters: list[float]) -> None:
         gauge.tick(now)
         assert admission.admit(now).admitted
     assert admission.stats(0.0).refused["loop_lag"] == 0
+
+
+def test_a_connection_that_waited_too_long_in_the_listen_queue_is_refused() -> None:
+    config = AdmissionConfig(max_accept_delay=2.0, accept_rate=1.0, accept_burst=1)
+    admission = AdmissionController(config, rng=random.Random(3))
+    stale = admission.admit(10.0, waited=2.5)
+    assert (stale.admitted, stale.reason, stale.limit) == (
+        False,
+        CloseReason.OVERLOADED,
+        "accept_delay",
+    )
+    # Come back after about as long as the queue kept it.
+    assert stale.retry_after is not None and 2.5 * 0.9 <= stale.retry_after <= 2.5 * 1.1
+    # At the limit is not over it, and the refusal took no token: the fresh one gets it.
+    assert admission.admit(10.0, waited=2.0).admitted
+    stats = admission.stats(10.0)
+    assert stats.refused["accept_delay"] == 1 and stats.admitted == 1
+
+
+def test_the_queue_delay_limit_is_off_with_none_and_on_by_default() -> None:
+    assert AdmissionConfig().max_accept_delay == 2.0
+    assert AdmissionConfig.unlimited().max_accept_delay is None
+    admission = AdmissionController(AdmissionConfig(max_accept_delay=None, accept_rate=None))
+    assert admission.admit(0.0, waited=1e6).admitted
+    with pytest.raises(ConfigError, match="max_accept_delay must be in"):
+        AdmissionConfig(max_accept_delay=0)
+
+
+@given(st.floats(0.001, 60.0), st.floats(0.0, 120.0))
+def test_refused_for_queue_delay_exactly_when_it_waited_longer(limit: float, waited: float) -> None:
+    config = AdmissionConfig(
+        max_accept_delay=limit, accept_rate=None, max_pending_hellos=None, max_loop_lag=None
+    )
+    decision = AdmissionController(config, rng=random.Random(0)).admit(0.0, waited)
+    assert decision.admitted == (waited <= limit)
+    if not decision.admitted:
+        assert decision.limit == "accept_delay"
+        assert decision.retry_after is not None
+        assert config.retry_after_min <= decision.retry_after <= config.retry_after_max
