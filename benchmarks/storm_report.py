@@ -9,6 +9,14 @@ from typing import Any
 from harness import grid
 
 
+def _by_limit(figures: dict[str, Any]) -> str:
+    """The admission refusals by limit, the non-zero ones ("-" without admission)."""
+    counts = (figures.get("admission_refused") or {}).get("refused")
+    if counts is None:
+        return "-"
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()) if v) or "0"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """The terminal table: one column per server."""
 
@@ -43,6 +51,7 @@ def table(results: list[dict[str, Any]]) -> str:
             lambda f: f"{show(f.get('device_lag_p99_ms'))}/{show(f.get('device_lag_max_ms'))}",
         ),
         ("OVERLOADED closes", lambda f: show(f.get("overloaded_closes"))),
+        ("... by limit (admission)", _by_limit),
         ("retry hints given", lambda f: show(f.get("retry_hints"))),
         ("server timeout closes", lambda f: show(f["server_timeout_closes"])),
         ("phantom ESTABLISHED, peak", lambda f: show(f["phantom_established_peak"])),
@@ -51,6 +60,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ("old conns still open, settled", lambda f: show(f["old_connections_open_end"])),
         ("CLOSE_WAIT, peak", lambda f: show(f["close_wait_peak"])),
         ("CLOSE_WAIT, settled", lambda f: show(f["close_wait_end"])),
+        ("... not yet accepted", lambda f: show(f.get("close_wait_unaccepted_end"))),
         ("connect attempts", lambda f: show(f["attempts"])),
         (
             "failed attempts",

@@ -187,14 +187,19 @@ def run_one(
                 # machine is shared), whose remote end is not a device's 127.0.1.x. The probe
                 # (from 127.0.0.1) is left out with them.
                 census_started = time.monotonic()
-                found = Counter(
-                    row.state
-                    for row in census(port).sockets
-                    if row.local_address == "127.0.0.1" and row.remote_address.startswith(DEVICES)
-                )
+                found: Counter[str] = Counter()
+                for sock in census(port).sockets:
+                    if sock.local_address == "127.0.0.1" and sock.remote_address.startswith(
+                        DEVICES
+                    ):
+                        found[sock.state] += 1
+                        # Inode 0: still in the listen queue, not accepted by the server yet
+                        # (a socket the server accepted has one until it closes it).
+                        found[sock.state + "/unaccepted"] += sock.inode == 0
                 last_census = {
                     "established": found["ESTABLISHED"],
                     "close_wait": found["CLOSE_WAIT"],
+                    "close_wait_unaccepted": found["CLOSE_WAIT/unaccepted"],
                 }
                 row["census_ms"] = 1000.0 * (time.monotonic() - census_started)
                 next_census = now + 1.0
@@ -389,6 +394,7 @@ def summarise(
         "in_hello_end": audited.get("in_hello"),
         "unowned_established_end": last.get("phantom_established"),
         "close_wait_end": last.get("close_wait"),
+        "close_wait_unaccepted_end": last.get("close_wait_unaccepted"),
         "old_connections_open_end": samples[-1].get("abandoned_open") if samples else None,
         "phantom_established_peak": max(
             (r["phantom_established"] for r in census_rows), default=None

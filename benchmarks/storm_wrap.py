@@ -114,6 +114,7 @@ def _admission_kept(
                         "admitted": stats.admitted,
                         "refused": dict(stats.refused),
                         "shed_hellos": stats.shed_hellos,
+                        "loop_lag_peak": stats.loop_lag_peak,
                     }
                 )
 

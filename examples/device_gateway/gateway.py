@@ -36,9 +36,9 @@ rest):
   anyone logged in as that user publishes there). SUBSCRIBE is granted at most QoS 1.
   PINGREQ gets PINGRESP. DISCONNECT closes cleanly and discards the will; any other end (a
   dead, silent or misbehaving device) publishes the will to subscribers.
-* **Refusals the client can see**: admission control (accept rate, ``--max-sessions``) answers
-  CONNACK 3 (server unavailable) and closes; so does a CONNECT for a client id banned for
-  flapping or held as a duplicate (``Hello.refusal``).
+* **Refusals the client can see**: admission control (loop lag, accept rate,
+  ``--max-sessions``) answers CONNACK 3 (server unavailable) and closes; so does a CONNECT for
+  a client id banned for flapping or held as a duplicate (``Hello.refusal``).
 * **Status**: with ``--status-port`` a loopback HTTP page (``GET /status`` JSON, ``GET /`` for
   humans) shows sessions, closes by reason, takeovers and the kernel's census of the port. It
   has no authentication, so it stays on 127.0.0.1 unless ``--status-host`` says otherwise.
@@ -120,6 +120,8 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
             accept_burst=args.accept_burst,
             max_pending_hellos=args.max_pending_hellos,
             max_sessions=args.max_sessions,
+            max_loop_lag=None if args.no_load_shedding else args.max_loop_lag,
+            max_accept_delay=None if args.no_load_shedding else args.max_accept_delay,
         )
     flapping = None
     if not args.no_flapping:

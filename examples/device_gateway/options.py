@@ -87,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-burst", type=pos_i, default=3000, help="connections at once")
     p.add_argument("--max-pending-hellos", type=pos_i, default=4096, help="CONNECTs awaited")
     p.add_argument("--max-sessions", type=pos_i, default=None, help="live sessions (None: no cap)")
+    p.add_argument(
+        "--max-loop-lag",
+        type=pos_f,
+        default=1.0,
+        help="refuse new connections while the event loop lags more, s",
+    )
+    p.add_argument(
+        "--max-accept-delay",
+        type=pos_f,
+        default=2.0,
+        help="refuse connections that waited longer in the listen queue, s",
+    )
+    p.add_argument(
+        "--no-load-shedding", action="store_true", help="no refusals for loop lag or queue delay"
+    )
     p.add_argument("--no-admission", action="store_true", help="admit every connection")
     p.add_argument("--flap-max-hellos", type=pos_i, default=15, help="CONNECTs per window")
     p.add_argument("--flap-window", type=pos_f, default=60.0, help="flapping window, s")

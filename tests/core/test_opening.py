@@ -124,7 +124,13 @@ def test_the_session_cap_refuses_a_new_identity_but_never_a_takeover() -> None:
     assert takeover.displaced is a.session and a.session.reason is CloseReason.TAKEN_OVER
     assert len(gate.registry) == 2 and gate.takeovers == 1
     refused = admission.stats(2.0).refused
-    assert refused == {"accept_rate": 0, "max_pending_hellos": 0, "max_sessions": 1}
+    assert refused == {
+        "accept_delay": 0,
+        "loop_lag": 0,
+        "accept_rate": 0,
+        "max_pending_hellos": 0,
+        "max_sessions": 1,
+    }
     # Once a place is free a new identity is admitted again.
     b = gate.registry.get("b")
     assert b is not None and gate.registry.close(b, CloseReason.PEER_CLOSED)

@@ -15,7 +15,7 @@ from .._core.framing import Framer
 from .._core.heartbeat import Pinger, PingPolicer
 from .._core.reasons import ABORTIVE, CloseReason
 from .._core.registry import Session
-from ..tcp._socket import half_close, peer_gone, unacknowledged_bytes, unread_bytes
+from ..tcp._socket import half_close, peer_gone, queued, unacknowledged_bytes, unread_bytes
 from .base import StreamConnection
 from .failures import Failure
 
@@ -242,6 +242,13 @@ class Connection(StreamConnection[F, CloseReason]):
             return peer_gone(self.raw_socket())
         except _LOOKUP_ERRORS:
             return True
+
+    def _accept_wait(self) -> tuple[bool, float]:
+        """At accept: whether the peer already gave up, and how long it waited (seconds)."""
+        try:
+            return queued(self.raw_socket())
+        except _LOOKUP_ERRORS:
+            return True, 0.0
 
     def _unacknowledged(self) -> int | None:
         """Bytes sent that the peer's kernel has not acknowledged (None: cannot tell)."""

@@ -232,7 +232,13 @@ class Lifecycle(Generic[F]):
         if self._stopping.is_set():
             conn._record(CloseReason.SHUTDOWN)
             return False
-        refusal = self._gate.admit_connection(anyio.current_time(), conn.host)
+        gone, waited = conn._accept_wait()
+        if gone:
+            # Its client gave up while it waited in the listen queue (a storm): serving it
+            # would cost a handshake and a hello for no one.
+            conn._record(CloseReason.PEER_CLOSED, "gone before it was accepted")
+            return False
+        refusal = self._gate.admit_connection(anyio.current_time(), conn.host, waited)
         if refusal is None:
             return True
         # Under TLS a refusal could only be said after a handshake, the very work admission

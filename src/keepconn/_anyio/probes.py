@@ -1,4 +1,6 @@
-"""Opt-in background tasks that watch a server from the side (``keepconn.metrics`` runs them).
+"""Background tasks that watch a server from the side: the loop-lag probe admission sheds load
+on (the server runs it while ``max_loop_lag`` is set), and the opt-in ones ``keepconn.metrics``
+runs.
 
 Each is one cheap loop on the event loop: they add nothing to a connection's path, and they
 exist only when started.
@@ -13,8 +15,9 @@ from typing import NoReturn
 import anyio
 
 from .._core.events import SocketAudit
+from .._core.lag import LagGauge
 
-__all__ = ["audit_forever", "sample_lag_forever"]
+__all__ = ["audit_forever", "feed_lag_forever", "sample_lag_forever"]
 
 logger = logging.getLogger("keepconn.server")
 
@@ -30,6 +33,14 @@ async def sample_lag_forever(record: Callable[[float], None], interval: float) -
         await anyio.sleep(interval)
         # asyncio may run a timer up to its clock resolution early; that is no lag.
         record(max(0.0, anyio.current_time() - asleep - interval))
+
+
+async def feed_lag_forever(gauge: LagGauge) -> NoReturn:
+    """Wake when ``gauge`` says and tell it when we did: the core judges how late that was."""
+    gauge.start(anyio.current_time())
+    while True:
+        await anyio.sleep_until(gauge.next_deadline())
+        gauge.tick(anyio.current_time())
 
 
 async def audit_forever(

@@ -41,6 +41,7 @@ from .accept import accept_forever
 from .cluster import ClusterNode, ClusterStore
 from .connection import Connection
 from .life import Refuse
+from .probes import feed_lag_forever
 from .reaper import reap_forever
 from .shutdown import drain
 from .tls import check_server_context
@@ -224,6 +225,9 @@ class Server(Generic[F]):
         try:
             async with anyio.create_task_group() as tasks:
                 tasks.start_soon(self._reap, name="keepconn reaper")
+                gauge = None if self.admission is None else self.admission.lag_gauge
+                if gauge is not None:
+                    tasks.start_soon(feed_lag_forever, gauge, name="keepconn lag probe")
                 if self._cluster is not None:
                     await tasks.start(self._cluster.run, name="keepconn cluster")
                 for listener in self._listeners:

@@ -4,8 +4,24 @@ Sans-I/O: nothing here reads a clock or touches a socket; every call that needs 
 ``now`` (monotonic seconds). The adapter asks before it reads a byte of a new connection and
 enforces the answer.
 
-Three limits, applied where each is cheapest and cannot hurt a live session:
+Five limits, applied where each is cheapest and cannot hurt a live session:
 
+* **Accept delay** (load shedding on the listen queue's delay, as CoDel judges a queue by
+  its sojourn time): a connection that waited in the kernel's listen queue longer than
+  ``max_accept_delay`` is refused at accept, before the hello (and under TLS, before the
+  handshake). When the server accepts more slowly than devices connect, the queue fills, and a
+  full queue of 4,096 served at a few hundred a second makes every connection wait as long as
+  a device's connect timeout: the server then spends its handshakes on devices that give up
+  before the answer. Refusing the stale ones at once keeps what is served fresh, and tells their
+  devices to retry now rather than after their whole timeout. The adapter reads the wait from
+  the kernel (the time since the peer was last heard, at accept).
+* **Event-loop lag** (load shedding, :class:`~keepconn._core.lag.LagGauge`): while the loop runs
+  more than ``max_loop_lag`` behind its schedule, new connections are refused at accept,
+  before the hello (and under TLS, before the handshake). The loop's time is what a storm
+  exhausts on one process, whatever spends it; refusing at once, cheaply, keeps the work
+  admitted within what the loop can do, instead of leaving the kernel's listen queue to drop
+  the excess silently (clients then wait out SYN retransmissions, and the server still hand-
+  shakes connections whose clients have given up).
 * **Accept rate** (a token bucket): checked at accept, before the hello is parsed. A refused
   connection costs one accept and one close.
 * **Concurrent hellos**: connections accepted but not yet through their hello. When the cap is
@@ -33,6 +49,7 @@ from typing import Literal
 import attrs
 
 from .errors import ConfigError
+from .lag import LagGauge
 from .reasons import CloseReason
 from .validate import check_number, number
 
@@ -46,8 +63,14 @@ __all__ = [
 ]
 
 #: Which limit refused a connection (or shed a pending hello).
-Limit = Literal["accept_rate", "max_pending_hellos", "max_sessions"]
-_LIMITS: tuple[Limit, ...] = ("accept_rate", "max_pending_hellos", "max_sessions")
+Limit = Literal["accept_delay", "loop_lag", "accept_rate", "max_pending_hellos", "max_sessions"]
+_LIMITS: tuple[Limit, ...] = (
+    "accept_delay",
+    "loop_lag",
+    "accept_rate",
+    "max_pending_hellos",
+    "max_sessions",
+)
 
 
 @attrs.define(slots=True)
@@ -139,12 +162,36 @@ class AdmissionConfig:
       storm never sheds its own hellos, and above the 2,000 slowloris connections of the
       server's tests; it stays bounded so 15,000 sessions plus pending hellos fit in the
       20,000-descriptor limit.
+    * ``max_accept_delay=2.0`` s: a server that keeps up accepts within milliseconds, so two
+      seconds in the listen queue only happen when it is far behind; devices commonly give up
+      on a connection after 10 to 30 s, and one that waited 2 s still has time for its
+      handshake and hello. Measured: a TLS storm of 15,000 devices (10 s connect timeout) on
+      2 cores accepted 78,463 connections to bring 14,998 back, most of them for devices that
+      had given up, while the event loop's lag stayed at 1.4 ms p50.
+    * ``max_loop_lag=1.0`` s, probed every 0.1 s: a healthy server's loop runs milliseconds
+      behind (the design target is tens of milliseconds at 15,000 connections), so a second is
+      never reached in ordinary operation; in a storm it is (a TLS storm of 15,000 devices on
+      2 cores measured 9.7 s at p99 without it), and then each connection admitted only adds
+      to every live session's delay. Refusing while behind is what Node's ``toobusy`` and
+      fastify's ``under-pressure`` (``maxEventLoopDelay``) do for HTTP. Under TLS it is also
+      the handshake limit: handshake CPU is what makes the loop fall behind, and unlike a cap
+      on handshakes in progress it needs no number per machine or key type, and never holds
+      the door for stalled handshakes (which cost no CPU). The probe's wake-ups are 10 a
+      second, nothing next to the traffic of a server that has connections to lose.
     * ``max_sessions=None``: no cap fits every deployment, and the descriptor limit (which the
       accept loop survives) is the natural one. Set it to keep headroom below that limit.
     * Retry-after hints between 1 s and 30 s, jittered by 10 %: long enough that a refused device
       does not hammer, short enough that one that honours hints is not slower than a naive one.
     """
 
+    #: Refuse at accept a connection that waited longer than this many seconds in the listen
+    #: queue (load shedding); None: never.
+    max_accept_delay: float | None = attrs.field(default=2.0, validator=number(optional=True))
+    #: Refuse new connections at accept while the event loop is more than this many seconds
+    #: behind its schedule (load shedding); None: never.
+    max_loop_lag: float | None = attrs.field(default=1.0, validator=number(optional=True))
+    #: Seconds between two wake-ups of the loop-lag probe (which runs only with max_loop_lag).
+    lag_probe_interval: float = attrs.field(default=0.1, validator=number(maximum=10.0))
     #: Most live sessions; new identities beyond it are refused (takeovers never are).
     max_sessions: int | None = attrs.field(
         default=None, validator=number(minimum=1, min_inclusive=True, integer=True, optional=True)
@@ -173,6 +220,12 @@ class AdmissionConfig:
     )
 
     def __attrs_post_init__(self) -> None:
+        if self.max_loop_lag is not None and self.lag_probe_interval > self.max_loop_lag:
+            # A probe slower than the limit sees the loop fall behind too late to act on it.
+            raise ConfigError(
+                f"lag_probe_interval must be <= max_loop_lag ({self.max_loop_lag:g}), "
+                f"got {self.lag_probe_interval!r}"
+            )
         if self.retry_after_max < self.retry_after_min:
             raise ConfigError(
                 f"retry_after_max must be >= retry_after_min ({self.retry_after_min:g}), "
@@ -182,7 +235,13 @@ class AdmissionConfig:
     @classmethod
     def unlimited(cls) -> AdmissionConfig:
         """A configuration that admits everything (for comparisons and benchmarks)."""
-        return cls(max_sessions=None, accept_rate=None, max_pending_hellos=None)
+        return cls(
+            max_sessions=None,
+            accept_rate=None,
+            max_pending_hellos=None,
+            max_loop_lag=None,
+            max_accept_delay=None,
+        )
 
 
 @attrs.frozen
@@ -224,6 +283,10 @@ class AdmissionStats:
     pending_hellos: int
     #: Tokens in the accept bucket at the time of the snapshot (inf when the rate is unlimited).
     tokens: float
+    #: The event loop's lag at the time of the snapshot, in seconds (0 when not probed).
+    loop_lag: float = 0.0
+    #: The highest loop lag the probe measured since start, in seconds.
+    loop_lag_peak: float = 0.0
 
     @property
     def total_refused(self) -> int:
@@ -256,6 +319,7 @@ class AdmissionController:
         "_admitted",
         "_refused",
         "_shed",
+        "_lag",
     )
 
     def __init__(
@@ -279,19 +343,37 @@ class AdmissionController:
         self._admitted = 0
         self._refused = dict.fromkeys(_LIMITS, 0)
         self._shed = 0
+        self._lag = None if config.max_loop_lag is None else LagGauge(config.lag_probe_interval)
 
     @property
     def config(self) -> AdmissionConfig:
         """The configuration this controller enforces."""
         return self._config
 
-    def admit(self, now: float) -> Admission:
-        """Decide on a newly accepted connection, before its hello is read.
+    @property
+    def lag_gauge(self) -> LagGauge | None:
+        """The loop-lag gauge the adapter's probe feeds (None when ``max_loop_lag`` is off)."""
+        return self._lag
 
-        Refuses (``CloseReason.OVERLOADED``) when the accept rate is exceeded, or when the hello
-        cap is reached and ``shed_oldest_hello`` is False. A refusal takes no token.
+    def admit(self, now: float, waited: float = 0.0) -> Admission:
+        """Decide on a newly accepted connection, before its hello is read; ``waited`` is how
+        long it waited in the listen queue, in seconds.
+
+        Refuses (``CloseReason.OVERLOADED``) a connection that waited more than
+        ``max_accept_delay``, while the event loop lags more than ``max_loop_lag``, when the
+        accept rate is exceeded, or when the hello cap is reached and ``shed_oldest_hello`` is
+        False. A refusal takes no token.
         """
         cfg = self._config
+        if cfg.max_accept_delay is not None and waited > cfg.max_accept_delay:
+            # A queue that kept one waiting this long needs about as long to drain.
+            return self._refuse("accept_delay", waited)
+        gauge = self._lag
+        if gauge is not None and cfg.max_loop_lag is not None:
+            lag = gauge.lag(now)
+            if lag > cfg.max_loop_lag:
+                # A loop that is this far behind needs about as long again to catch up.
+                return self._refuse("loop_lag", lag)
         if (
             not cfg.shed_oldest_hello
             and cfg.max_pending_hellos is not None
@@ -355,6 +437,8 @@ class AdmissionController:
             shed_hellos=self._shed,
             pending_hellos=len(self._pending),
             tokens=math.inf if bucket is None else bucket.available(now),
+            loop_lag=0.0 if self._lag is None else self._lag.lag(now),
+            loop_lag_peak=0.0 if self._lag is None else self._lag.peak,
         )
 
     def _refuse(self, limit: Limit, base: float) -> Admission:

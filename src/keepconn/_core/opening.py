@@ -107,17 +107,18 @@ class Gatekeeper:
         #: Stale hellos refused since start (see STALE_HELLO).
         self.stale = 0
 
-    def admit_connection(self, now: float, host: Hashable) -> Refusal | None:
+    def admit_connection(self, now: float, host: Hashable, waited: float = 0.0) -> Refusal | None:
         """At accept, before any byte is read: None to go on to the hello, else a refusal.
 
-        A refused connection costs no hello parsing; that is the point of deciding here.
+        ``waited`` is how long the connection waited in the listen queue, in seconds. A refused
+        connection costs no hello parsing; that is the point of deciding here.
         """
         if self.address_flapping is not None:
             if self.address_flapping.banned_until(host, now) is not None:
                 return Refusal(CloseReason.FLAPPING, "address banned")
         if self.admission is None:
             return None
-        decision = self.admission.admit(now)
+        decision = self.admission.admit(now, waited)
         if decision.admitted:
             return None
         return Refusal(CloseReason.OVERLOADED, decision.limit or "", decision.retry_after)

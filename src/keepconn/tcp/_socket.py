@@ -11,7 +11,14 @@ import socket
 import struct
 import sys
 
-__all__ = ["abort_on_close", "half_close", "peer_gone", "unacknowledged_bytes", "unread_bytes"]
+__all__ = [
+    "abort_on_close",
+    "half_close",
+    "peer_gone",
+    "queued",
+    "unacknowledged_bytes",
+    "unread_bytes",
+]
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
 
@@ -62,6 +69,31 @@ def peer_gone(sock: socket.socket) -> bool:
     except (OSError, ValueError):
         return True  # the socket is already gone
     return bool(state) and state[0] in _PEER_GONE_STATES
+
+
+#: struct tcp_info up to and including tcpi_last_data_recv: eight u8s, then u32s (rto .. ).
+_LAST_DATA_RECV = struct.Struct("@8B11II")
+
+
+def queued(sock: socket.socket) -> tuple[bool, float]:
+    """For a socket just accepted: whether its peer has already closed or reset it, and how
+    long, in seconds, since the kernel last heard from the peer (tcpi_last_data_recv).
+
+    For a connection still unserved this is how long it waited in the listen queue: the
+    kernel stamps the time when the handshake completes and again with every segment of data,
+    and a client sends its first bytes (a ClientHello, a CONNECT) at once. One getsockopt;
+    ``(False, 0.0)`` where TCP_INFO does not exist.
+    """
+    if _TCP_INFO is None:
+        return False, 0.0
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _LAST_DATA_RECV.size)
+    except (OSError, ValueError):
+        return True, 0.0  # the socket is already gone
+    if len(raw) < _LAST_DATA_RECV.size:
+        return bool(raw) and raw[0] in _PEER_GONE_STATES, 0.0
+    fields = _LAST_DATA_RECV.unpack(raw)
+    return fields[0] in _PEER_GONE_STATES, fields[-1] / 1000.0
 
 
 def unread_bytes(sock: socket.socket) -> int:
