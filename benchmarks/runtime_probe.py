@@ -11,6 +11,9 @@ starts a gateway from its ``main()`` (benchmarks/runtime_wrap.py):
   line, answered with one JSON line:
 
   - ``{"cmd": "lag-reset"}``: forget the lag samples so far (the start of a window);
+  - ``{"cmd": "types"}``: after a full collection, the tracked objects by type
+    (``{"types": {"module.Name": [count, bytes]}}``, bytes as ``sys.getsizeof`` says, the
+    object alone): what benchmarks/runtime_census.py compares at two sizes;
   - ``{"cmd": "sample"}``: ``{"rss": bytes, "objects": len(gc.get_objects()), "gc_ms": ...,
     "lag": {"n", "p50_ms", "p99_ms", "max_ms"}}``. The lag figures are those since the last
     reset, read first; then one untimed ``gc.collect()`` clears the garbage the last phase
@@ -30,6 +33,7 @@ import json
 import math
 import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -108,6 +112,21 @@ def sample() -> dict[str, Any]:
     }
 
 
+def types() -> dict[str, list[int]]:
+    """The tracked objects after a full collection, by type: ``{name: [count, bytes]}``."""
+    gc.collect()
+    found: dict[str, list[int]] = {}
+    for obj in gc.get_objects():
+        kind = type(obj)
+        name = f"{kind.__module__}.{kind.__qualname__}"
+        entry = found.get(name)
+        if entry is None:
+            entry = found[name] = [0, 0]
+        entry[0] += 1
+        entry[1] += sys.getsizeof(obj)
+    return found
+
+
 def _answer(request: dict[str, Any]) -> dict[str, Any]:
     cmd = request.get("cmd")
     if cmd == "lag-reset":
@@ -115,6 +134,8 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True}
     if cmd == "sample":
         return {"ok": True, **sample()}
+    if cmd == "types":
+        return {"ok": True, "types": types()}
     if cmd == "lag":
         return {"ok": True, "lag": lag_stats(), "rss": _rss()}
     return {"ok": False, "error": f"unknown command {cmd!r}"}

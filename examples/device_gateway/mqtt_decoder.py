@@ -92,6 +92,19 @@ class Decoder:
     call raises the same error, because the byte stream has no resynchronisation point.
     """
 
+    # One decoder per connection: slots keep its fields in the object itself.
+    __slots__ = (
+        "_buf",
+        "_disconnected",
+        "_error",
+        "_handshake_done",
+        "_hello",
+        "_max",
+        "_pos",
+        "_receivable",
+        "_role",
+    )
+
     def __init__(
         self,
         role: Role = Role.SERVER,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-import weakref
 from collections.abc import Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -134,9 +133,6 @@ class Gateway:
         self.delivered = 0
         self.dropped = 0
         self.wills = 0
-        # Streams whose CONNECT was accepted, so that refuse() can tell a refusal after identify
-        # (answered by Hello.refusal) from one at accept time. Weak: entries go with the streams.
-        self._identified: weakref.WeakSet[anyio.abc.ByteStream] = weakref.WeakSet()
         #: keepconn's Prometheus collector, once :meth:`enable_metrics` has made it.
         self.metrics: ServerCollector | None = None
         #: Sends what is delivered to subscribers (run it: :meth:`Outbound.run`).
@@ -186,7 +182,6 @@ class Gateway:
         keepalive = connect.keepalive
         timeout = None if keepalive == 0 else 1.5 * min(keepalive, self.options.max_keepalive)
         conn.context = Device(conn, username, client_id, keepalive, connect.will)
-        self._identified.add(conn.stream)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("CONNECT %r keepalive=%d from %s", identity, keepalive, conn.peer)
         # keepconn sends the CONNACK once the session is open, or CONNACK 3 if it refuses the
@@ -221,12 +216,10 @@ class Gateway:
         clients read it as the answer to their CONNECT, which is the point. MQTT 3.1.1 cannot
         carry ``retry_after``; clients fall back on their own reconnect backoff. Under TLS
         keepconn does not call this before the handshake: such a connection is just closed.
+        Nor after a CONNECT was accepted: a session refused then (the session cap, a flapping
+        ban) gets ``Hello.refusal``, the same CONNACK 3, and only that one.
         """
         del retry_after
-        if stream in self._identified:
-            # Refused after identify (the session cap): keepconn sends Hello.refusal as well,
-            # and one CONNACK is all a client may get.
-            return
         await stream.send(_CONNACK_UNAVAILABLE)
 
     async def handler(self, conn: Connection[Packet]) -> None:
@@ -236,8 +229,6 @@ class Gateway:
         reach it through :meth:`_deliver`, which never waits.
         """
         device: Device = conn.context
-        # Past the hello: refuse() is not asked about this stream any more.
-        self._identified.discard(conn.stream)
         users_devices = self._devices.setdefault(device.username, set())
         users_devices.add(device)
         try:

@@ -78,6 +78,18 @@ def test_prune_forgets_quiet_identities_and_ended_bans() -> None:
     assert det.stats(10.0).tracked == 1
 
 
+def test_one_hello_and_then_more_count_alike_at_any_clock_value() -> None:
+    # A key with one event holds it bare (no list): times 0 and integers count as any other.
+    det = FlappingDetector(FlappingConfig(max_hellos=2, window=10.0, ban=5.0))
+    assert det.record_hello("d", 0).ok
+    assert det.prune(9) == 0  # 0 is still within the window at 9
+    assert det.record_hello("d", 9.5).ok
+    assert not det.record_hello("d", 9.9).ok  # the third within 10 s
+    assert det.record_hello("e", 0.0).ok
+    assert det.prune(10.0) == 1  # "e"'s one hello has left the window
+    assert det.stats(10.0).tracked == 0
+
+
 def test_memory_is_bounded_without_calling_prune() -> None:
     det = FlappingDetector(FlappingConfig(window=1.0))
     for i in range(100_000):

@@ -12,10 +12,11 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import anyio
 import anyio.abc
+import sniffio
 from anyio.abc import SocketAttribute
 from anyio.streams.tls import TLSAttribute
 
@@ -90,7 +91,7 @@ class StreamConnection(Generic[F, R]):
         self._error: ProtocolError | None = None
         # Covers the connection's whole life in the task that runs it: cancelling it is how
         # any other task ends the connection.
-        self._scope = anyio.CancelScope()
+        self._scope = _cancel_scope()
         self._reason: R | None = None
         self._detail = ""
         # FIN sent, still reading for a grace period (the server's graceful close).
@@ -408,6 +409,17 @@ class StreamConnection(Generic[F, R]):
         """Raise SessionClosed if nothing may be sent any more."""
         if self._reason is not None:
             raise SessionClosed(f"connection ended ({self._reason.name})")
+
+
+def _cancel_scope() -> anyio.CancelScope:
+    """A new cancel scope. On trio, trio's own: anyio's is a wrapper around one there, an
+    object more per connection, and what a connection asks of its scope (``with``,
+    ``cancel()``, ``deadline``, ``cancel_called``, ``cancelled_caught``) is the same on both."""
+    if sniffio.current_async_library() == "trio":
+        import trio  # only on trio: it is an optional dependency
+
+        return cast("anyio.CancelScope", trio.CancelScope())
+    return anyio.CancelScope()
 
 
 def _extra(stream: anyio.abc.SocketStream, attribute: Any) -> Any:

@@ -37,7 +37,7 @@ from .._core.framing import Framer
 from .._core.opening import Gatekeeper
 from .._core.reasons import CloseReason
 from .._core.registry import Session, SessionRegistry
-from .accept import accept_forever
+from .accept import accept_forever, connection_tasks
 from .cluster import ClusterNode, ClusterStore
 from .connection import Connection
 from .life import Refuse
@@ -79,7 +79,9 @@ class Server(Generic[F]):
         connection refused by admission control, before it is closed with OVERLOADED. Under
         TLS it is called only for refusals after the handshake (``stream`` is then the TLS
         stream): one refused at accept time is closed without a word, since saying it would
-        take the handshake that admission control is there to spare.
+        take the handshake that admission control is there to spare. Not called for a
+        connection whose ``identify`` returned a :class:`Hello` with ``refusal``: those bytes
+        are its answer.
     :param on_event: called with every ServerEvent (keep it quick; it runs inline). More
         listeners can attach later with :meth:`add_listener`.
     :param cluster: a cluster store (``keepconn.cluster.RedisCluster``): this server is then
@@ -272,15 +274,17 @@ class Server(Generic[F]):
         tasks: anyio.abc.TaskGroup,
         tls: ssl.SSLContext | None,
     ) -> None:
-        def spawn(stream: anyio.abc.SocketStream) -> None:
-            self._accepted += 1
-            tasks.start_soon(self._lives.run, stream, self._accepted, tls)
-
         def failed() -> None:
             self._accept_errors += 1
 
         if not isinstance(listener, NativeListener):
-            await accept_forever(listener.accept, spawn, stopping=self._stopping, failed=failed)
+            async with connection_tasks(tasks) as start_soon:
+
+                def spawn(stream: anyio.abc.SocketStream) -> None:
+                    self._accepted += 1
+                    start_soon(self._lives.run, stream, self._accepted, tls)
+
+                await accept_forever(listener.accept, spawn, stopping=self._stopping, failed=failed)
             return
 
         def start(sock: socket.socket) -> None:

@@ -144,7 +144,17 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         if frames:
             self._showed_life()
             queued = self._queued
-            if queued is None:
+            waiter = self._waiter
+            if queued is None and waiter is not None and not waiter.done():
+                # The usual case (a ping): the handler waits and nothing is queued before
+                # these, so the first frame goes to it at once, and a queue is made only for
+                # the rest, if any.
+                self._waiter = None
+                waiter.set_result(frames[0])
+                if len(frames) > 1:
+                    self._queued = deque(frames)
+                    self._queued.popleft()
+            elif queued is None:
                 self._queued = deque(frames)
             else:
                 queued.extend(frames)

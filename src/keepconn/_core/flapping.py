@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import math
 from collections.abc import Hashable
 from typing import Any
 
@@ -117,8 +118,10 @@ class _Window:
         self._limit = limit
         self._window = window
         self._ban = ban
-        # key -> its timestamps within the window, ascending, at most `limit` of them.
-        self._events: dict[Hashable, list[float]] = {}
+        # key -> its timestamps within the window, ascending, at most `limit` of them; a key
+        # with one event holds its bare timestamp (most identities connect once a window, and a
+        # number is no object for the cyclic collector to walk, a list is).
+        self._events: dict[Hashable, float | list[float]] = {}
         self._bans: dict[Hashable, float] = {}
         self._total = 0
         self._sweep_at = _MIN_SWEEP
@@ -134,12 +137,16 @@ class _Window:
 
     def record(self, key: Hashable, now: float) -> float | None:
         """Count one event for ``key``; return the ban's end if this event bans it."""
-        stamps = self._events.get(key)
-        if stamps is None:
-            self._events[key] = [now]
+        held = self._events.get(key)
+        if held is None:
+            self._events[key] = now
             if len(self._events) > self._sweep_at:
                 self.prune(now)
             return None
+        if isinstance(held, list):
+            stamps = held
+        else:
+            stamps = self._events[key] = [held]
         del stamps[: bisect.bisect_right(stamps, now - self._window)]
         if len(stamps) >= self._limit:
             # Starting afresh after a ban: the events that earned it are paid for.
@@ -158,7 +165,7 @@ class _Window:
     def prune(self, now: float) -> int:
         horizon = now - self._window
         events = self._events
-        stale = [key for key, stamps in events.items() if not stamps or stamps[-1] <= horizon]
+        stale = [key for key, held in events.items() if _last(held) <= horizon]
         for key in stale:
             del events[key]
         expired = [key for key, until in self._bans.items() if until <= now]
@@ -176,6 +183,13 @@ class _Window:
     @property
     def total(self) -> int:
         return self._total
+
+
+def _last(held: float | list[float]) -> float:
+    """The latest timestamp a key holds (minus infinity for none)."""
+    if isinstance(held, list):
+        return held[-1] if held else -math.inf
+    return held
 
 
 def _whole(minimum: int) -> Any:
