@@ -15,7 +15,7 @@ from typing import Any
 
 from cluster_check_nodes import PASSWORD, USER, Cluster
 from cluster_check_takeover import Outcome, cluster_established, ms, owner_of
-from cluster_check_wire import Device, redis_command, redis_send
+from cluster_check_wire import Device, redis_command, redis_send, slack
 from harness import quantile
 
 __all__ = ["check_node_killed", "check_store_lost", "check_store_stalled"]
@@ -120,12 +120,12 @@ def check_node_killed(cluster: Cluster, per_node: int, node_ttl: float, tag: str
                 gone_after = time.monotonic() - t0
                 break
             time.sleep(0.02)
-        if gone_after is None or gone_after > node_ttl + 0.1:
+        if gone_after is None or gone_after > node_ttl + slack(0.1):
             out.fail(f"lease {lease} gone after {gone_after} s (node_ttl {node_ttl:g} s)")
         missed = [cid for cid, _ in theirs if cid not in ended]
         if missed:
             out.fail(f"{len(missed)} devices of {victim.name} saw no close within 5 s")
-        slow = [r for r in reconnect if r > 1.0]
+        slow = [r for r in reconnect if r > slack(1.0)]
         if slow:
             out.fail(f"{len(slow)} reconnects took over 1 s to CONNACK (max {max(slow):.3f} s)")
         survivors = [(cid, d) for cid, d in fleet if d.node_port != victim.port]
@@ -320,7 +320,7 @@ def check_store_lost(cluster: Cluster, per_node: int, node_ttl: float, tag: str)
             }
             if len(ended) < len(fleet) or still:
                 out.fail(f"{how}: {len(fleet) - len(ended)} sessions not closed; {still} open")
-            if closed_at and closed_at[-1] > node_ttl + 0.3:
+            if closed_at and closed_at[-1] > node_ttl + slack(0.3):
                 out.fail(f"{how}: last session closed {closed_at[-1]:.3f} s after (ttl {node_ttl})")
             if sum(lost.values()) != len(fleet):
                 out.fail(f"{how}: OWNERSHIP_LOST close lines {lost}, want {len(fleet)} in all")

@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any
 
 from cluster_check_nodes import PASSWORD, USER, Cluster, Node
-from cluster_check_wire import Device, established_peers, redis_command, socket_present
+from cluster_check_wire import Device, established_peers, redis_command, slack, socket_present
 from harness import quantile
 
 __all__ = ["Outcome", "check_bad_credentials", "check_one_winner", "check_takeover", "owner_of"]
@@ -139,7 +139,7 @@ def check_takeover(cluster: Cluster, trials: int, tag: str, strict_latency: bool
     codes: Counter[str] = Counter()
     for i in range(trials):
         a, b = nodes[i % 3], nodes[(i + 1 + (i // 3) % 2) % 3]
-        r = _one_takeover(a, b, f"{tag}-a-{i}", watch=2.0)
+        r = _one_takeover(a, b, f"{tag}-a-{i}", watch=slack(2.0))
         if r["first_connack"] != 0:
             out.fail(f"trial {i}: first CONNACK on {a.name} was {r['first_connack']}")
             continue
