@@ -233,6 +233,10 @@ def _winner_round(
     codes: Counter[str] = Counter(str(a) for _, a in answers)
     ok_then_closed = sum(1 for d, a in answers if a == 0 and _closed_now(d) is not None)
     port_node = {d.port: d.node_port for d, _ in answers}
+    names = {node.port: node.name for node in cluster.nodes}
+    by_node: dict[str, Counter[str]] = {}
+    for d, a in answers:
+        by_node.setdefault(names[d.node_port], Counter())[str(a)] += 1
     mine = kept + [d for d, _ in answers]
     table = cluster_established(cluster)
     live = [d for d in mine if d.port in table]
@@ -251,6 +255,7 @@ def _winner_round(
         }
     fig = {
         "connack": dict(codes),
+        "connack_by_node": {name: dict(c) for name, c in sorted(by_node.items())},
         "connack0_then_closed": ok_then_closed,
         "established_cluster_wide": len(live),
         "pings": pings,
