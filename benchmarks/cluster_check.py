@@ -60,6 +60,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--per-node", type=int, help="devices per node (d, e, f); 30, quick 8")
     p.add_argument("--only", default=CHECKS, help=f"which checks, e.g. 'ab' (default {CHECKS})")
     p.add_argument("--keep", type=Path, help="keep the nodes' logs in this folder")
+    p.add_argument(
+        "--gateway-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for every node (e.g. --gateway-arg=--no-flapping, to compare)",
+    )
     return p.parse_args(argv)
 
 
@@ -93,7 +100,7 @@ def run(args: argparse.Namespace, work: Path) -> list[Outcome]:
         ("d", lambda c: check_node_killed(c, per_node, NODE_TTL, tag)),
     ]
     outcomes: list[Outcome] = []
-    cluster = Cluster(work, extra=["--node-ttl", f"{NODE_TTL:g}"])
+    cluster = Cluster(work, extra=["--node-ttl", f"{NODE_TTL:g}", *args.gateway_arg])
     try:
         for name, check in plan:
             if name not in args.only:
@@ -148,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "machine": machine(),
             "loadavg": {"before": load_before, "after": loadavg()},
             "node_ttl": NODE_TTL,
+            "gateway_args": args.gateway_arg,
             "results": [o.as_json() for o in outcomes],
         }
         write_json(args.json, data)
