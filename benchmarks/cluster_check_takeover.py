@@ -285,6 +285,38 @@ def _winner_round(
     return fig
 
 
+def _bounce(out: Outcome, cluster: Cluster, client_id: str, count: int) -> dict[str, Any]:
+    """One device reconnecting ``count`` times in a row, to node 1, 2, 3, 1, ... (its old
+    connections left open): more hellos than the flapping limit cluster-wide, fewer on each
+    node. After every CONNECT exactly one socket of it must be ESTABLISHED cluster-wide."""
+    nodes = cluster.live_nodes()
+    mine: list[Device] = []
+    steps = []
+    try:
+        for i in range(count):
+            d = Device(nodes[i % len(nodes)].port)
+            mine.append(d)
+            code = d.hello(client_id, USER, PASSWORD)
+            time.sleep(0.05)  # the takeover's reset and the claim's notice land
+            table = cluster_established(cluster)
+            live = [(j, table[m.port]) for j, m in enumerate(mine) if m.port in table]
+            steps.append({"connack": code, "live": live})
+            if len(live) != 1:
+                out.fail(
+                    f"bounce {client_id!r}: after CONNECT {i} on {nodes[i % len(nodes)].name} "
+                    f"(CONNACK {code}) {len(live)} ESTABLISHED sockets cluster-wide: {live}; "
+                    f"store owner {owner_of(cluster, client_id)}"
+                )
+                break
+        pings = [m.ping() for m in mine if m.port in cluster_established(cluster)]
+        if pings != [True]:
+            out.fail(f"bounce {client_id!r}: the live ones answered PINGREQ {pings}")
+    finally:
+        for d in mine:
+            d.close()
+    return {"connack": [s["connack"] for s in steps], "live_after_each": steps}
+
+
 def check_one_winner(cluster: Cluster, n: int, rounds: int, tag: str) -> Outcome:
     """``n`` concurrent CONNECTs of one client id spread over the nodes, ``rounds`` times with
     the same id (each round racing the previous winner too) and ``rounds`` times with a fresh
@@ -307,9 +339,21 @@ def check_one_winner(cluster: Cluster, n: int, rounds: int, tag: str) -> Outcome
         finally:
             for d in kept:
                 d.close()
-    out.figures = {"concurrent": n, "rounds": rounds, "same_id": same, "distinct_ids": distinct}
+    bounce = _bounce(out, cluster, f"{tag}-b-bounce", 20)
+    out.figures = {
+        "concurrent": n,
+        "rounds": rounds,
+        "same_id": same,
+        "distinct_ids": distinct,
+        "bounce": bounce,
+    }
     ones = sum(1 for f in same + distinct if f["established_cluster_wide"] == 1)
-    out.summary = f"{ones}/{2 * rounds} rounds left exactly one live socket"
+    codes = "".join(str(c) if c >= 0 else "x" for c in bounce["connack"])
+    out.summary = (
+        f"{ones}/{2 * rounds} rounds left exactly one live socket; "
+        f"20 reconnects over the nodes: CONNACKs {codes}, "
+        f"{len(bounce['live_after_each'][-1]['live'])} live after the last"
+    )
     return out
 
 
