@@ -134,6 +134,8 @@ def report(outcomes: list[Outcome]) -> str:
             lines.append(f"  {o.name} FAIL: {failure[:600]}")
         if len(o.failures) > 12:
             lines.append(f"  {o.name}: ... {len(o.failures) - 12} more failures (see --json)")
+        for note in o.notes[:6]:
+            lines.append(f"  {o.name} NOTE: {note[:600]}")
     return "\n".join(lines)
 
 

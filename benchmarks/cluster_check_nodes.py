@@ -98,6 +98,15 @@ class Node:
             found[m["r"]] += 1
         return found
 
+    def close_reason_by_peer(self, peers: set[int]) -> dict[int, str]:
+        """Peer port -> the close reason of the last logged connection from it."""
+        found = {}
+        for line in self.log_lines():
+            m = _CLOSE_LINE.search(line)
+            if m is not None and int(m["port"]) in peers:
+                found[int(m["port"])] = m["r"]
+        return found
+
     def kill(self) -> None:
         """SIGKILL by pid: no shutdown, no goodbye to the store."""
         if self.alive:

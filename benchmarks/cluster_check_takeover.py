@@ -30,6 +30,8 @@ class Outcome:
         self.title = title
         self.figures: dict[str, Any] = {}
         self.failures: list[str] = []
+        #: What contradicts the documentation without breaking one of the issue's properties.
+        self.notes: list[str] = []
         self.summary = ""
 
     @property
@@ -47,6 +49,7 @@ class Outcome:
             "summary": self.summary,
             "figures": self.figures,
             "failures": self.failures,
+            "notes": self.notes,
         }
 
 
@@ -245,8 +248,21 @@ def _winner_round(
     pings = [d.ping() for d in live]
     logs: dict[str, dict[str, int]] = {}
     peers = set(port_node)
+    reasons: dict[int, str] = {}
     for node in cluster.live_nodes():
         logs[node.name] = dict(node.closes(peers))
+        reasons.update(node.close_reason_by_peer(peers))
+    # The README: "no client is welcomed and then refused".
+    welcomed_refused = Counter(
+        reasons[d.port]
+        for d, a in answers
+        if a == 0 and reasons.get(d.port) not in (None, "TAKEN_OVER", "PEER_CLOSED")
+    )
+    if welcomed_refused:
+        out.notes.append(
+            f"{label}: {sum(welcomed_refused.values())} CONNECTs got CONNACK 0 and were then "
+            f"closed as {dict(welcomed_refused)} (README: no client is welcomed and then refused)"
+        )
     winner = None
     if live:
         w = live[0]
@@ -259,6 +275,7 @@ def _winner_round(
         "connack": dict(codes),
         "connack_by_node": {name: dict(c) for name, c in sorted(by_node.items())},
         "connack0_then_closed": ok_then_closed,
+        "connack0_then_refused": dict(welcomed_refused),
         "established_cluster_wide": len(live),
         "pings": pings,
         "winner": winner,
@@ -301,6 +318,10 @@ def _bounce(out: Outcome, cluster: Cluster, client_id: str, count: int) -> dict[
             table = cluster_established(cluster)
             live = [(j, table[m.port]) for j, m in enumerate(mine) if m.port in table]
             steps.append({"connack": code, "live": live})
+            if code == 0 and d.port not in table:
+                out.notes.append(
+                    f"bounce {client_id!r}: CONNECT {i} got CONNACK 0 and was closed at once"
+                )
             if len(live) != 1:
                 out.fail(
                     f"bounce {client_id!r}: after CONNECT {i} on {nodes[i % len(nodes)].name} "
