@@ -8,13 +8,15 @@ while reading the kernel's socket table on every node's port:
 a. cross-node takeover: CONNECT on node B of a device live on node A, until A's old socket is
    gone from A's table (p50/p99), and whether the old device socket saw a reset;
 b. one winner among many concurrent CONNECTs of one client id spread over the nodes (the same
-   id for several rounds, then a fresh id per round): exactly one ESTABLISHED socket
-   cluster-wide afterwards, answering PINGREQ, every other closed or refused;
+   id for several rounds, then a fresh id per round), and one device reconnecting 20 times
+   over the nodes (past the flapping limit cluster-wide, not on any one node): exactly one
+   ESTABLISHED socket cluster-wide afterwards, answering PINGREQ, every other closed or refused;
 c. bad credentials on any node never evict the live session (CONNACK 4 / 5);
 d. a SIGKILLed node: its devices get CONNACK 0 on the others at once; its lease key is gone
    within node_ttl;
-e. Redis stalled 2 s (SIGSTOP/SIGCONT, then ``DEBUG SLEEP 2``): nothing dropped, no double
-   ownership, a device moving during the stall refused without losing its session;
+e. Redis stalled 2 s (SIGSTOP/SIGCONT, ``DEBUG SLEEP 2``, ``CLIENT PAUSE 2000 WRITE``): nothing
+   dropped, no double ownership, a device moving during the stall refused without losing its
+   session;
 f. Redis lost (SIGSTOP past the lease, then killed and restarted empty): every session closed
    with OWNERSHIP_LOST by node_ttl, new CONNECTs refused with CONNACK 3, all back afterwards.
 
@@ -142,6 +144,7 @@ def report(outcomes: list[Outcome]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse(argv)
     load_before = loadavg()
+    commit = _git_head()
     with sigterm_as_exit():
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
@@ -153,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json is not None:
         data: dict[str, Any] = {
             "quick": args.quick,
-            "commit": _git_head(),
+            "commit": commit,
             "machine": machine(),
             "loadavg": {"before": load_before, "after": loadavg()},
             "node_ttl": NODE_TTL,

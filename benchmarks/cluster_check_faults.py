@@ -177,14 +177,28 @@ def _stall_debug_sleep(cluster: Cluster, seconds: float) -> Callable[[], None]:
     return done
 
 
+def _stall_client_pause(cluster: Cluster, seconds: float) -> Callable[[], None]:
+    # Redis answers the PAUSE itself at once and then holds every write command (and every
+    # script, which may write) of every client for the given milliseconds.
+    redis_command(cluster.redis.port, "CLIENT", "PAUSE", str(int(seconds * 1000)), "WRITE")
+    return lambda: None
+
+
 def check_store_stalled(cluster: Cluster, per_node: int, tag: str) -> Outcome:
-    """Redis stalled 2 s (SIGSTOP, then ``DEBUG SLEEP 2``): no session dropped, every device
+    """Redis stalled 2 s (SIGSTOP, ``DEBUG SLEEP 2``, ``CLIENT PAUSE 2000 WRITE``): no session
+    dropped, every device
     still answers PINGREQ, one socket each cluster-wide, the store naming its node; a device
     that moves to another node during the stall is refused there and keeps its session."""
     out = Outcome("e", "Redis stalled 2 s")
     out.figures = {}
-    for how, stall in (("SIGSTOP", _stall_sigstop), ("DEBUG SLEEP", _stall_debug_sleep)):
-        fleet = _fleet(cluster, per_node * len(cluster.live_nodes()), f"{tag}-e-{how[0]}", out)
+    stalls = (
+        ("SIGSTOP", _stall_sigstop),
+        ("DEBUG SLEEP", _stall_debug_sleep),
+        ("CLIENT PAUSE WRITE", _stall_client_pause),
+    )
+    for how, stall in stalls:
+        prefix = f"{tag}-e-{how.split()[0].lower()}"
+        fleet = _fleet(cluster, per_node * len(cluster.live_nodes()), prefix, out)
         mover: Device | None = None
         try:
             t0 = time.monotonic()
@@ -197,7 +211,7 @@ def check_store_stalled(cluster: Cluster, per_node: int, tag: str) -> Outcome:
             move_code = mover.hello(cid0, USER, PASSWORD, timeout=3.0)
             move_s = time.monotonic() - mover.connect_sent_at
             fresh = Device(target.port)
-            fresh_code = fresh.hello(f"{tag}-e-{how[0]}-fresh", USER, PASSWORD, timeout=3.0)
+            fresh_code = fresh.hello(f"{prefix}-fresh", USER, PASSWORD, timeout=3.0)
             fresh.close()
             dead_during = []
             while time.monotonic() - t0 < 1.9:

@@ -65,6 +65,10 @@ def test_one_winner_with_flapping_detection_on(report: dict[str, Any]) -> None:
         assert round_["established_cluster_wide"] == 1, round_
         assert round_["pings"] == [True], round_
         assert round_["winner"]["node"] == round_["store_owner"], round_
+    # One device bouncing over the nodes past the flapping limit: refused, never left with no
+    # live connection at all.
+    for step in b["figures"]["bounce"]["live_after_each"]:
+        assert len(step["live"]) == 1, b["figures"]["bounce"]
 
 
 def test_bad_credentials_never_evict(report: dict[str, Any]) -> None:
@@ -90,7 +94,7 @@ def test_sigkilled_node_frees_its_devices_and_its_lease(report: dict[str, Any]) 
 def test_stalled_store_drops_nothing(report: dict[str, Any]) -> None:
     e = report["e"]
     _passed(e)
-    for how in ("SIGSTOP", "DEBUG SLEEP"):
+    for how in ("SIGSTOP", "DEBUG SLEEP", "CLIENT PAUSE WRITE"):
         stall = e["figures"][how]
         assert stall["no_pingresp_after"] == [] and stall["ownership_problems"] == [], stall
         assert stall["move_during_stall_connack"] != 0, stall
