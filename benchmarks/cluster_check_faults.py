@@ -282,7 +282,7 @@ def check_store_lost(cluster: Cluster, per_node: int, node_ttl: float, tag: str)
         back: list[Device] = []
         try:
             peers = {d.port for _, d in fleet}
-            before = {n.name: n.closes(peers)["OWNERSHIP_LOST"] for n in cluster.live_nodes()}
+            marks = {n.name: n.mark() for n in cluster.live_nodes()}
             t0 = time.monotonic()
             if how == "SIGSTOP":
                 cluster.redis.pause()
@@ -316,7 +316,7 @@ def check_store_lost(cluster: Cluster, per_node: int, node_ttl: float, tag: str)
             back_after = time.monotonic() - t_back
             time.sleep(0.3)
             lost = {
-                n.name: n.closes(peers)["OWNERSHIP_LOST"] - before[n.name]
+                n.name: n.closes(peers, marks[n.name])["OWNERSHIP_LOST"]
                 for n in cluster.live_nodes()
             }
             closed_at = sorted(t for t, _ in ended.values())

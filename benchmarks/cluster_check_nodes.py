@@ -85,11 +85,16 @@ class Node:
         self._log.flush()
         return self.log_path.read_text(errors="replace").splitlines()
 
-    def closes(self, peers: set[int] | None = None) -> Counter[str]:
-        """Close reasons from the node's log (only connections from these peer ports, if
-        given)."""
+    def mark(self) -> int:
+        """How many log lines there are now: pass it as ``since`` to read only later ones (a
+        peer port is reused by later connections)."""
+        return len(self.log_lines())
+
+    def closes(self, peers: set[int] | None = None, since: int = 0) -> Counter[str]:
+        """Close reasons from the node's log lines after ``since`` (only connections from these
+        peer ports, if given)."""
         found: Counter[str] = Counter()
-        for line in self.log_lines():
+        for line in self.log_lines()[since:]:
             m = _CLOSE_LINE.search(line)
             if m is None:
                 continue
@@ -98,10 +103,11 @@ class Node:
             found[m["r"]] += 1
         return found
 
-    def close_reason_by_peer(self, peers: set[int]) -> dict[int, str]:
-        """Peer port -> the close reason of the last logged connection from it."""
+    def close_reason_by_peer(self, peers: set[int], since: int = 0) -> dict[int, str]:
+        """Peer port -> the close reason of the last connection from it logged after
+        ``since``."""
         found = {}
-        for line in self.log_lines():
+        for line in self.log_lines()[since:]:
             m = _CLOSE_LINE.search(line)
             if m is not None and int(m["port"]) in peers:
                 found[int(m["port"])] = m["r"]

@@ -233,6 +233,7 @@ def _closed_now(d: Device) -> str | None:
 def _winner_round(
     out: Outcome, cluster: Cluster, client_id: str, n: int, kept: list[Device], label: str
 ) -> dict[str, Any]:
+    marks = {node.name: node.mark() for node in cluster.live_nodes()}
     answers = _race(cluster, client_id, n, timeout=10.0)
     time.sleep(1.0)  # takeovers among the accepted ones settle
     codes: Counter[str] = Counter(str(a) for _, a in answers)
@@ -250,8 +251,8 @@ def _winner_round(
     peers = set(port_node)
     reasons: dict[int, str] = {}
     for node in cluster.live_nodes():
-        logs[node.name] = dict(node.closes(peers))
-        reasons.update(node.close_reason_by_peer(peers))
+        logs[node.name] = dict(node.closes(peers, marks[node.name]))
+        reasons.update(node.close_reason_by_peer(peers, marks[node.name]))
     # The README: "no client is welcomed and then refused".
     welcomed_refused = Counter(
         reasons[d.port]
