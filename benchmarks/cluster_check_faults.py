@@ -66,7 +66,7 @@ def _double_owned(cluster: Cluster, fleet: list[tuple[str, Device]]) -> list[str
     table = cluster_established(cluster)
     problems = []
     for cid, d in fleet:
-        node = table.get(d.port)
+        node = table.where(d)
         if node is None:
             problems.append(f"{cid}: no ESTABLISHED socket cluster-wide")
             continue
@@ -281,7 +281,6 @@ def check_store_lost(cluster: Cluster, per_node: int, node_ttl: float, tag: str)
         fleet = _fleet(cluster, per_node * len(cluster.live_nodes()), f"{tag}-f-{how}", out)
         back: list[Device] = []
         try:
-            peers = {d.port for _, d in fleet}
             marks = {n.name: n.mark() for n in cluster.live_nodes()}
             t0 = time.monotonic()
             if how == "SIGSTOP":
@@ -298,7 +297,7 @@ def check_store_lost(cluster: Cluster, per_node: int, node_ttl: float, tag: str)
             late_code = late.hello(f"{tag}-f-{how}-new2", USER, PASSWORD, timeout=3.0)
             late.close()
             table = cluster_established(cluster)
-            still = [cid for cid, d in fleet if d.port in table]
+            still = [cid for cid, d in fleet if d in table]
             time.sleep(max(0.0, outage - (time.monotonic() - t0)))
             t_back = time.monotonic()
             if how == "SIGSTOP":
@@ -316,7 +315,9 @@ def check_store_lost(cluster: Cluster, per_node: int, node_ttl: float, tag: str)
             back_after = time.monotonic() - t_back
             time.sleep(0.3)
             lost = {
-                n.name: n.closes(peers, marks[n.name])["OWNERSHIP_LOST"]
+                n.name: n.closes(
+                    {d.port for _, d in fleet if d.node_port == n.port}, marks[n.name]
+                )["OWNERSHIP_LOST"]
                 for n in cluster.live_nodes()
             }
             closed_at = sorted(t for t, _ in ended.values())

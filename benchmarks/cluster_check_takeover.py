@@ -70,13 +70,30 @@ def owner_of(cluster: Cluster, client_id: str) -> str | None:
     return fields[1] if len(fields) > 1 else value
 
 
-def cluster_established(cluster: Cluster) -> dict[int, str]:
-    """Peer port -> node name of every server-side ESTABLISHED socket on every live node."""
-    found: dict[int, str] = {}
-    for node in cluster.live_nodes():
-        for peer in established_peers(node.port):
-            found[peer] = node.name
-    return found
+class SocketTable:
+    """The server-side ESTABLISHED sockets of every live node, read once. A socket is known by
+    (node port, peer port): the kernel gives two connections to two nodes the same local port
+    when it likes, so the peer port alone names no device."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.names = {node.port: node.name for node in cluster.nodes}
+        self.rows = {
+            (node.port, peer)
+            for node in cluster.live_nodes()
+            for peer in established_peers(node.port)
+        }
+
+    def where(self, d: Device) -> str | None:
+        """The node holding ``d``'s connection ESTABLISHED, or None."""
+        return self.names[d.node_port] if (d.node_port, d.port) in self.rows else None
+
+    def __contains__(self, d: Device) -> bool:
+        return (d.node_port, d.port) in self.rows
+
+
+def cluster_established(cluster: Cluster) -> SocketTable:
+    """The kernel's table on every live node's port, now."""
+    return SocketTable(cluster)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,26 +255,26 @@ def _winner_round(
     time.sleep(1.0)  # takeovers among the accepted ones settle
     codes: Counter[str] = Counter(str(a) for _, a in answers)
     ok_then_closed = sum(1 for d, a in answers if a == 0 and _closed_now(d) is not None)
-    port_node = {d.port: d.node_port for d, _ in answers}
     names = {node.port: node.name for node in cluster.nodes}
     by_node: dict[str, Counter[str]] = {}
     for d, a in answers:
         by_node.setdefault(names[d.node_port], Counter())[str(a)] += 1
     mine = kept + [d for d, _ in answers]
     table = cluster_established(cluster)
-    live = [d for d in mine if d.port in table]
+    live = [d for d in mine if d in table]
     pings = [d.ping() for d in live]
     logs: dict[str, dict[str, int]] = {}
-    peers = set(port_node)
-    reasons: dict[int, str] = {}
+    reasons: dict[tuple[int, int], str] = {}
     for node in cluster.live_nodes():
+        peers = {d.port for d, _ in answers if d.node_port == node.port}
         logs[node.name] = dict(node.closes(peers, marks[node.name]))
-        reasons.update(node.close_reason_by_peer(peers, marks[node.name]))
+        for port, reason in node.close_reason_by_peer(peers, marks[node.name]).items():
+            reasons[node.port, port] = reason
     # The README: "no client is welcomed and then refused".
     welcomed_refused = Counter(
-        reasons[d.port]
+        reasons[d.node_port, d.port]
         for d, a in answers
-        if a == 0 and reasons.get(d.port) not in (None, "TAKEN_OVER", "PEER_CLOSED")
+        if a == 0 and reasons.get((d.node_port, d.port)) not in (None, "TAKEN_OVER", "PEER_CLOSED")
     )
     if welcomed_refused:
         out.notes.append(
@@ -268,8 +285,8 @@ def _winner_round(
     if live:
         w = live[0]
         winner = {
-            "node": table[w.port],
-            "this_round": w.port in port_node,
+            "node": table.where(w),
+            "this_round": any(w is d for d, _ in answers),
             "index": next((i for i, (d, _) in enumerate(answers) if d is w), None),
         }
     fig = {
@@ -317,9 +334,9 @@ def _bounce(out: Outcome, cluster: Cluster, client_id: str, count: int) -> dict[
             code = d.hello(client_id, USER, PASSWORD)
             time.sleep(0.05)  # the takeover's reset and the claim's notice land
             table = cluster_established(cluster)
-            live = [(j, table[m.port]) for j, m in enumerate(mine) if m.port in table]
+            live = [(j, table.where(m)) for j, m in enumerate(mine) if m in table]
             steps.append({"connack": code, "live": live})
-            if code == 0 and d.port not in table:
+            if code == 0 and d not in table:
                 out.notes.append(
                     f"bounce {client_id!r}: CONNECT {i} got CONNACK 0 and was closed at once"
                 )
@@ -330,7 +347,8 @@ def _bounce(out: Outcome, cluster: Cluster, client_id: str, count: int) -> dict[
                     f"store owner {owner_of(cluster, client_id)}"
                 )
                 break
-        pings = [m.ping() for m in mine if m.port in cluster_established(cluster)]
+        last = cluster_established(cluster)
+        pings = [m.ping() for m in mine if m in last]
         if pings != [True]:
             out.fail(f"bounce {client_id!r}: the live ones answered PINGREQ {pings}")
     finally:
@@ -415,8 +433,8 @@ def check_bad_credentials(cluster: Cluster, attempts: int, tag: str) -> Outcome:
                         out.fail(f"after {what} on {node.name}: live session did not answer")
                         return out
         table = cluster_established(cluster)
-        if table.get(live.port) != cluster.nodes[0].name:
-            out.fail(f"live socket not ESTABLISHED on node-1 any more: {table.get(live.port)}")
+        if table.where(live) != cluster.nodes[0].name:
+            out.fail(f"live socket not ESTABLISHED on node-1 any more: {table.where(live)}")
         owner = owner_of(cluster, client_id)
         if owner != cluster.nodes[0].name:
             out.fail(f"store names {owner} as the owner, not node-1")
