@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import anyio
@@ -21,7 +22,7 @@ from keepconn import (
     SessionTakenOver,
 )
 from keepconn.tcp import census
-from tests.lineapp import RECEIVED, Client, closes, own_sockets, serving, wait_for
+from tests.lineapp import RECEIVED, Client, closes, make_server, own_sockets, serving, wait_for
 from tests.timing import slack
 
 pytestmark = pytest.mark.anyio
@@ -332,6 +333,29 @@ async def test_census_agrees_with_the_registry() -> None:
             await client.aclose()
 
 
+async def test_the_audit_counts_only_the_server_s_own_address() -> None:
+    # Another listener on the same port number but another address (in this process, so its
+    # sockets are this process's too): its connections are not the server's, and must not
+    # count as the server's phantoms.
+    async with serving(ServerConfig(**BASE)) as (server, port):
+        client = await Client.connect(port)
+        assert await client.hello("mine") == b"OK"
+        with socket.socket() as other:
+            other.bind(("127.0.0.2", port))
+            other.listen()
+            with socket.create_connection(("127.0.0.2", port)) as stranger:
+                accepted, _ = other.accept()
+                with accepted:
+                    assert any(
+                        row.local_address == "127.0.0.2" and row.state == "ESTABLISHED"
+                        for row in census(port).sockets
+                    )
+                    audit = await server.audit()
+                    assert stranger.fileno() >= 0
+        assert (audit.established, audit.with_session, audit.phantoms) == (1, 1, 0)
+        await client.aclose()
+
+
 async def test_opened_events_and_stats() -> None:
     events: list[ServerEvent] = []
     async with serving(ServerConfig(**BASE), events=events) as (server, port):
@@ -345,6 +369,28 @@ async def test_opened_events_and_stats() -> None:
         stats = server.stats()
         assert stats.accepted == 1 and stats.closed[CloseReason.APPLICATION] == 1
         await client.aclose()
+
+
+def test_stats_can_be_read_before_and_after_the_server_serves() -> None:
+    # A metrics collector registered at start-up may be scraped before serve() runs and
+    # after it returned, from a thread with no event loop.
+    server = make_server(ServerConfig(**BASE))
+    before = server.stats()
+    assert before.connections == 0 and before.accepted == 0
+
+    async def serve_one() -> None:
+        async with anyio.create_task_group() as tasks:
+            [(_, port), *_] = await tasks.start(
+                lambda task_status: server.serve_tcp("127.0.0.1", 0, task_status=task_status)
+            )
+            client = await Client.connect(port)
+            assert await client.hello("x") == b"OK"
+            await client.aclose()
+            await server.shutdown()
+
+    anyio.run(serve_one)
+    after = server.stats()
+    assert after.accepted == 1 and after.connections == 0
 
 
 def test_config_is_validated_when_built() -> None:
@@ -408,8 +454,6 @@ async def test_serves_ipv6_too() -> None:
 
 
 async def test_serve_accepts_anyio_multilistener() -> None:
-    from tests.lineapp import make_server
-
     server = make_server(ServerConfig(**BASE))
     multi = await anyio.create_tcp_listener(local_host="127.0.0.1", local_port=0)
     async with anyio.create_task_group() as tasks:

@@ -290,10 +290,10 @@ async def test_a_connection_born_and_closed_during_the_audit_read_is_no_phantom(
     real_read = server_module._own_rows
     reading, opened, read, finished = (threading.Event() for _ in range(4))
 
-    def held_read(ports: frozenset[int]) -> object:
+    def held_read(addresses: tuple[tuple[str, int], ...]) -> object:
         reading.set()
         assert opened.wait(10)
-        rows = real_read(ports)
+        rows = real_read(addresses)
         read.set()
         assert finished.wait(10)
         return rows
@@ -338,3 +338,47 @@ async def test_hello_timeouts_count_toward_the_per_address_ban() -> None:
         assert banned.detail == "address banned"
         for client in [*silent, late]:
             await client.aclose()
+
+
+async def test_a_busy_handler_does_not_make_its_peer_s_answers_missed_pings() -> None:
+    # The handler is busy (a slow commit, say) for longer than a ping's timeout while the peer
+    # answers every ping: the answers wait for the handler, read or in the kernel. The server
+    # is behind, not the peer: no HEARTBEAT_TIMEOUT (the reaper's FIONREAD rule, in the ping
+    # loop too).
+    events: list[ServerEvent] = []
+    busy_for = 0.8
+
+    async def worker(conn: Connection[bytes]) -> None:
+        async for line in conn:
+            if line == b"WORK":
+                await anyio.sleep(busy_for)
+                await conn.send(b"DONE\n")
+            elif line == b"PONG":
+                conn.pong_received()
+            elif line == b"BYE":
+                return
+
+    async def ping(conn: Connection[bytes]) -> None:
+        await conn.send(b"PING\n")
+
+    beat = ActiveHeartbeat(interval=0.15, timeout=0.1)
+    server = server_with(worker, ServerConfig(heartbeat=beat, **BASE), events, ping)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        client = await Client.connect(port)
+        assert await client.hello("worker") == b"OK"
+        await client.send(b"WORK")
+        pings = 0
+        with anyio.fail_after(slack(5)):
+            while (line := await client.line()) != b"DONE":
+                assert line == b"PING", line
+                pings += 1
+                await client.send(b"PONG")
+        assert pings >= 3  # pings went out, and were answered, while the handler was busy
+        await client.send(b"BYE")
+        assert await client.closed_by_server()
+        await client.aclose()
+        await server.shutdown()
+    assert closes(events, CloseReason.HEARTBEAT_TIMEOUT) == []
+    assert closes(events, CloseReason.APPLICATION) != []
+    assert server.stats().spared >= 1

@@ -75,7 +75,9 @@ def server_side(port: int) -> dict[str, int]:
     """The states of the server's own sockets on ``port``."""
     counts: dict[str, int] = {}
     for row in census(port).sockets:
-        if row.local_port == port:
+        # The server listens on 127.0.0.1: a socket on the same port number at another
+        # address (a benchmark's devices on 127.0.1.x) is another process's.
+        if row.local_port == port and row.local_address == "127.0.0.1":
             counts[row.state] = counts.get(row.state, 0) + 1
     return counts
 

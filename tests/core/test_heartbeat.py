@@ -107,6 +107,24 @@ def test_without_tolerated_misses_the_first_unanswered_ping_is_fatal() -> None:
     assert 14.0 == beat.detection_bound
 
 
+def test_a_spared_peer_gets_one_more_timeout_for_its_answer() -> None:
+    # The adapter found unread bytes when poll() said DEAD: the miss is taken back and the
+    # answer awaited one more timeout; it resets everything, its absence is fatal again.
+    pinger = Pinger(ActiveHeartbeat(interval=10, timeout=5), now=0.0)
+    assert pinger.poll(10.0) is PingAction.SEND_PING
+    pinger.ping_sent(10.0)
+    assert pinger.poll(15.0) is PingAction.DEAD
+    pinger.spared(15.0)
+    assert pinger.misses == 0 and pinger.next_deadline() == 20.0
+    assert pinger.poll(19.9) is PingAction.WAIT
+    assert pinger.pong_received(19.9) == pytest.approx(4.9)
+    assert pinger.poll(20.0) is PingAction.SEND_PING  # the next ping is due on its schedule
+    pinger.ping_sent(20.0)
+    assert pinger.poll(25.0) is PingAction.DEAD
+    pinger.spared(25.0)
+    assert pinger.poll(30.0) is PingAction.DEAD  # still no answer
+
+
 def test_misses_are_tolerated_and_the_next_one_is_fatal() -> None:
     beat = ActiveHeartbeat(interval=10.0, timeout=4.0, misses=2)
     pinger = Pinger(beat, now=0.0)

@@ -296,6 +296,11 @@ class StreamConnection(Generic[F, R]):
             return True
         return False
 
+    def _frames_waiting(self) -> int:
+        """Complete frames read from the peer that the handler has not taken yet."""
+        frames = self._frames
+        return len(frames) if frames else 0
+
     def _tls_buffered(self) -> int:
         """Bytes TLS has taken from the kernel that were not read yet (0 without TLS)."""
         return 0 if self._tls is None else self._tls.buffered()
@@ -352,9 +357,11 @@ class StreamConnection(Generic[F, R]):
         self: C,
         send_ping: Callable[[C], Awaitable[None]],
         on_dead: Callable[[C, str], None],
+        spare: Callable[[C], bool] | None = None,
     ) -> None:
         """Send pings as the connection's :class:`Pinger` says, until it declares the peer
-        dead (then ``on_dead(conn, detail)`` and return)."""
+        dead (then ``on_dead(conn, detail)`` and return). ``spare(conn)``, asked of a peer
+        whose pings went unanswered: True keeps it for one more answer's wait."""
         pinger = self._pinger
         assert pinger is not None
         while True:
@@ -362,6 +369,9 @@ class StreamConnection(Generic[F, R]):
             now = anyio.current_time()
             action = pinger.poll(now)
             if action is PingAction.DEAD:
+                if spare is not None and spare(self):
+                    pinger.spared(now)
+                    continue
                 on_dead(self, f"{pinger.misses} pings unanswered")
                 return
             if action is PingAction.SEND_PING:

@@ -258,7 +258,8 @@ class Connection(StreamConnection[F, CloseReason]):
         that are due, so it costs nothing on the hot path.
 
         Under TLS the kernel's unread bytes are ciphertext, and TLS may hold bytes it took from
-        the kernel but nobody has read: either way the peer sent them, so it is alive.
+        the kernel but nobody has read: either way the peer sent them, so it is alive. So are
+        complete frames read but not yet taken by a busy handler (a pong among them, say).
 
         Unread bytes are not a complete frame, though. Once spared, a session is spared again
         only while the server has still read nothing from it: if it did read and no frame
@@ -268,7 +269,9 @@ class Connection(StreamConnection[F, CloseReason]):
         if mark is not None and mark != self._bytes_in:
             return False
         try:
-            waiting = unread_bytes(self.raw_socket()) + self._tls_buffered()
+            waiting = (
+                unread_bytes(self.raw_socket()) + self._tls_buffered() + self._frames_waiting()
+            )
         except _LOOKUP_ERRORS:
             return False
         if waiting <= 0:

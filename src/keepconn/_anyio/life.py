@@ -397,7 +397,7 @@ class Lifecycle(Generic[F]):
     async def _handle_with_pings(self, conn: Connection[F], send_ping: Callback[F]) -> None:
         """The handler, with the connection's ping loop beside it."""
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(conn._ping_loop, send_ping, self._dead)
+            tasks.start_soon(conn._ping_loop, send_ping, self._dead, self._spare_silent)
             await self._handler(conn)
             tasks.cancel_scope.cancel()
 
@@ -418,7 +418,11 @@ class Lifecycle(Generic[F]):
 
     def spare(self, session: Session) -> bool:
         """The reaper's question for a due session: keep it (its bytes wait unread)?"""
-        conn: Connection[F] = session.conn
+        return self._spare_silent(session.conn)
+
+    def _spare_silent(self, conn: Connection[F]) -> bool:
+        """Keep a peer that seems silent (due to be reaped, or its pings unanswered) because
+        its bytes wait unread in the kernel: the server is behind, not the peer."""
         if not conn._spared():
             return False
         self.spared += 1

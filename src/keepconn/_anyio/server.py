@@ -9,11 +9,13 @@ connection from accept to close), :mod:`.reaper`, :mod:`.shutdown`; this one wir
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import random
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
@@ -316,7 +318,7 @@ class Server(Generic[F]):
         worker thread because it can be megabytes with a large fleet, and filtered to the
         server's ports there too; the event loop walks only the server's own rows, in batches
         with a checkpoint between them (about 1 us a row: 15 ms for 15,000 in one go)."""
-        ports = frozenset(port for _, port in self.addresses)
+        addresses = tuple(self.addresses)
         # The table is read while connections come and go: a connection known before the read,
         # after it, or closed during it owns its row (counted as closing if it is gone). The
         # last kind matters: one that opened and closed within the read is in neither snapshot,
@@ -326,7 +328,7 @@ class Server(Generic[F]):
         closed = lives.watch_closes()
         try:
             before = {conn.inode: conn for conn in connections}
-            rows = await anyio.to_thread.run_sync(_own_rows, ports)
+            rows = await anyio.to_thread.run_sync(_own_rows, addresses)
         finally:
             lives.unwatch_closes(closed)
         owners = {conn.inode: conn for conn in connections}
@@ -399,9 +401,10 @@ class Server(Generic[F]):
     def stats(self) -> ServerStats:
         """A frozen snapshot of the server's counters.
 
-        Once the server is serving, any thread may ask: from a thread other than the event
-        loop's (a Prometheus scrape in prometheus_client's HTTP thread, say) the snapshot is
-        taken on the event loop, between two of its steps, and the call waits for it.
+        Any thread may ask, before, while and after the server serves. From a thread other
+        than the event loop's while it serves (a Prometheus scrape in prometheus_client's HTTP
+        thread, say) the snapshot is taken on the event loop, between two of its steps, and
+        the call waits for it.
         """
         loop = self._loop
         if loop is not None and loop[0] != threading.get_ident():
@@ -409,7 +412,12 @@ class Server(Generic[F]):
         return self._snapshot()
 
     def _snapshot(self) -> ServerStats:
-        now = anyio.current_time()
+        try:
+            now = anyio.current_time()
+        except anyio.NoEventLoopError:
+            # Asked before serve() or after it, off any event loop: the counters stand still
+            # and only the rate windows need a time (asyncio's clock is this one).
+            now = time.monotonic()
         lives = self._lives
         return ServerStats(
             connections=len(lives.connections),
@@ -426,11 +434,29 @@ class Server(Generic[F]):
         )
 
 
-def _own_rows(ports: frozenset[int]) -> tuple[CensusRow, ...]:
-    """The kernel's TCP table, only the rows on ``ports`` (runs in a worker thread)."""
+def _own_rows(addresses: tuple[tuple[str, int], ...]) -> tuple[CensusRow, ...]:
+    """The kernel's TCP table, only the rows of the server's listening ``addresses`` (runs in
+    a worker thread). By address too, not only by port: another process may listen on the
+    same port number on another address (every test device here is on loopback), and its
+    sockets are none of this server's."""
     from ..tcp import census
 
-    if len(ports) == 1:
-        # census() skips other ports' lines before the costly parts of parsing.
-        return census(next(iter(ports))).sockets
-    return tuple(row for row in census().sockets if row.local_port in ports)
+    ports = {port for _, port in addresses}
+    # census() skips other ports' lines before the costly parts of parsing.
+    found = census(next(iter(ports))).sockets if len(ports) == 1 else census().sockets
+    wanted = [(_ip(host), port) for host, port in addresses]
+    return tuple(
+        row
+        for row in found
+        if any(
+            port == row.local_port and (ip.is_unspecified or ip == _ip(row.local_address))
+            for ip, port in wanted
+        )
+    )
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    address = ipaddress.ip_address(text.split("%", 1)[0])  # no zone index (fe80::1%eth0)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # an IPv4 peer on a dual-stack socket
+    return address

@@ -230,6 +230,10 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             return False
         return True
 
+    def _frames_waiting(self) -> int:
+        queued = self._queued
+        return len(queued) if queued else 0
+
     def _pause(self) -> None:
         if not self._paused and self._wire is not None and not self._gone:
             self._paused = True

@@ -145,7 +145,9 @@ class NativeLifecycle(Lifecycle[F]):
             await super()._handle_with_pings(conn, send_ping)
             return
         native: NativeConnection[F] = conn
-        pings = asyncio.get_running_loop().create_task(conn._ping_loop(send_ping, self._dead))
+        pings = asyncio.get_running_loop().create_task(
+            conn._ping_loop(send_ping, self._dead, self._spare_silent)
+        )
 
         def ended(task: asyncio.Task[None]) -> None:
             if task.cancelled() or task.exception() is None:

@@ -125,6 +125,13 @@ class Pinger:
             return PingAction.SEND_PING
         return PingAction.WAIT
 
+    def spared(self, now: float) -> None:
+        """After :meth:`poll` said DEAD, the adapter found the peer's bytes waiting unread: the
+        adapter is behind (a stalled event loop), not the peer, and the answer may be among
+        them. The fatal miss is taken back and the answer awaited one more ``timeout``."""
+        self._misses -= 1
+        self._sent_at = now
+
     def ping_sent(self, now: float) -> None:
         """The adapter has sent a ping at ``now``."""
         self._sent_at = now
