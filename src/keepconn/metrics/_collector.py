@@ -396,6 +396,11 @@ def _cluster_families(
         ("cluster_store_round_trips", "Store calls completed.", "store_round_trips"),
         ("cluster_store_errors", "Store calls failed or timed out.", "store_errors"),
         ("cluster_lease_lost", "Times the node found its lease gone and reasserted.", "lease_lost"),
+        (
+            "cluster_records_collected",
+            "Owner records of dead nodes deleted by this node's collector steps.",
+            "records_collected",
+        ),
     ):
         yield counter(name, doc, None if c is None else getattr(c, key))
 
