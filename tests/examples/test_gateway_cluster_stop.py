@@ -157,3 +157,25 @@ def test_a_sigkilled_nodes_records_are_collected_once_its_lease_is_gone(
     finally:
         for client in [*clients, kept]:
             client.close()
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_node_stopped_while_the_store_is_stalled_still_exits_promptly(
+    start_gateway: Callable[..., RunningGateway], redis_server: RedisServer, backend: str
+) -> None:
+    url = redis_server.url
+    node = start_node(start_gateway, url, "node-a", backend)
+    client = RawClient(node.port)
+    try:
+        assert client.connect("dev-0") == 0
+        redis_server.pause()  # SIGSTOP: connections stay up, nothing answers
+        try:
+            started = time.monotonic()
+            assert _stop(node.proc, signal.SIGTERM) == 0
+            # The grace (0.5 s), then one release and the leave, each cut at store_timeout.
+            assert time.monotonic() - started < slack(4)
+        finally:
+            redis_server.resume()
+        assert "lease not given up at shutdown" in node.log.read_text()
+    finally:
+        client.close()

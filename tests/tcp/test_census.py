@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +110,50 @@ def test_a_socket_the_kernel_listed_twice_is_counted_once(tmp_path: Path) -> Non
     assert found.duplicates == 2
     assert [row.inode for row in found.sockets] == [4242, 0, 4343]
     assert found.counts == {"ESTABLISHED": 2, "TIME_WAIT": 1}
+
+
+def test_a_table_read_while_other_sockets_churn_never_counts_one_twice() -> None:
+    # 1,000 held connections on one port while another port's connections open and close as
+    # fast as they can (each close a RST, so nothing lingers): reads of the changing table
+    # repeat rows (up to hundreds of a 3,000-socket table when measured), and census() must
+    # not count them. (It may miss some: no reader of /proc can see those.)
+    held = 1000
+    sockets: list[socket.socket] = []
+    stop = threading.Event()
+    linger = struct.pack("ii", 1, 0)
+
+    def churn(listener: socket.socket) -> None:
+        port = listener.getsockname()[1]
+        for _ in range(10_000):  # bounded, and ended by the test well before
+            if stop.is_set():
+                return
+            batch = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+            batch += [listener.accept()[0] for _ in range(50)]
+            for one in batch:
+                one.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                one.close()
+
+    with (
+        socket.create_server(("127.0.0.1", 0), backlog=2048) as server,
+        socket.create_server(("127.0.0.1", 0), backlog=2048) as other,
+    ):
+        port = server.getsockname()[1]
+        thread = threading.Thread(target=churn, args=(other,), daemon=True)
+        try:
+            for _ in range(held):
+                sockets.append(socket.create_connection(("127.0.0.1", port)))
+                sockets.append(server.accept()[0])
+            thread.start()
+            deadline = time.monotonic() + slack(10)
+            counts = []
+            while len(counts) < 30 and time.monotonic() < deadline:
+                counts.append(census(port).count("ESTABLISHED"))
+            assert counts and max(counts) <= held, counts
+        finally:
+            stop.set()
+            thread.join(slack(10))
+            for one in sockets:
+                one.close()
 
 
 def test_parser_is_fast_at_twenty_thousand_sockets() -> None:
