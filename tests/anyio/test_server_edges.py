@@ -12,6 +12,7 @@ import pytest
 
 from keepconn import (
     ActiveHeartbeat,
+    AddressFlappingConfig,
     CloseReason,
     Connection,
     Hello,
@@ -316,3 +317,24 @@ async def test_a_connection_born_and_closed_during_the_audit_read_is_no_phantom(
             finished.set()
     [result] = audits
     assert (result.established, result.closing, result.phantoms) == (1, 1, 0), result
+
+
+async def test_hello_timeouts_count_toward_the_per_address_ban() -> None:
+    # A connection that never says hello is the peer's doing (a scanner, a slowloris): with
+    # the per-address detector on, enough of them ban the address, and its next connection
+    # is closed FLAPPING at accept, before any byte is read.
+    events: list[ServerEvent] = []
+    config = ServerConfig(
+        hello_timeout=0.3,
+        address_flapping=AddressFlappingConfig(enabled=True, max_aborted=3),
+        **BASE,
+    )
+    async with serving(config, events=events) as (_, port):
+        silent = [await Client.connect(port) for _ in range(4)]
+        await wait_for(lambda: len(closes(events, CloseReason.HELLO_TIMEOUT)) == 4, slack(5))
+        late = await Client.connect(port)
+        assert await late.closed_by_server(slack(2))
+        [banned] = closes(events, CloseReason.FLAPPING)
+        assert banned.detail == "address banned"
+        for client in [*silent, late]:
+            await client.aclose()

@@ -58,13 +58,17 @@ async def test_storm_is_admitted_at_the_configured_rate_with_no_phantoms() -> No
         assert refusals > 0  # the storm really exceeded the bucket
         stats = server.stats()
         assert stats.admission is not None and stats.admission.refused["accept_rate"] > 0
-        # Admitted rate: in any one-second window at most rate + burst sessions opened.
+        # Admitted rate: in any one-second window at most rate + burst sessions admitted. The
+        # events give the sessions' opening times, a hello's round trip after their admission
+        # at accept: on a loaded machine sessions admitted a little over a second apart can
+        # open within one second, so the window may hold the tokens of that delay too.
+        delay = slack(0.1)
         opened_at.sort()
         j = 0
         for i, t in enumerate(opened_at):
             while opened_at[j] < t - 1.0:
                 j += 1
-            assert i - j + 1 <= RATE + BURST, (i - j + 1, t)
+            assert i - j + 1 <= RATE * (1.0 + delay) + BURST, (i - j + 1, t)
 
         # Settled: zero phantom ESTABLISHED, zero CLOSE_WAIT, zero false reaps. A refused
         # connection may still be closing for a moment, so "settled" allows a few seconds.

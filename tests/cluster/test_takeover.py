@@ -30,14 +30,18 @@ async def reset_or_eof(client: Client, timeout: float) -> str:
 
 
 async def hello_from(
-    port: int, clients: list[Client], ports: dict[Client, int], answers: list[bytes]
+    port: int,
+    clients: list[Client],
+    ports: dict[Client, int],
+    answers: list[bytes],
+    identity: str = "shared",
 ) -> None:
-    """One device's hello for "shared" on ``port``, recorded in the lists."""
+    """One device's hello for ``identity`` on ``port``, recorded in the lists."""
     client = await Client.connect(port)
     clients.append(client)
     ports[client] = client.local_port()
     try:
-        answers.append(await client.hello("shared"))
+        answers.append(await client.hello(identity))
     except (anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError):
         answers.append(b"closed")
 
@@ -86,13 +90,17 @@ async def test_wrong_credentials_on_another_node_never_evict(redis_server: Redis
         await live.aclose()
 
 
+@pytest.mark.parametrize("flapping", [None, FlappingConfig()], ids=["no-flapping", "flapping"])
 async def test_exactly_one_winner_among_concurrent_hellos_across_nodes(
-    redis_server: RedisServer,
+    redis_server: RedisServer, flapping: FlappingConfig | None
 ) -> None:
-    # No flapping detector: 200 hellos of one identity are the point here, not a ban.
-    config = ServerConfig(idle_timeout=60, flapping=None, admission=None)
+    # With the default flapping detector most of the 200 hellos are refused as flapping
+    # (counted cluster-wide): the session the others settled on must stay. A new identity
+    # per round, since the first round bans its identity for minutes.
+    config = ServerConfig(idle_timeout=60, flapping=flapping, admission=None)
     async with cluster(redis_server, config=config) as nodes:
         for round_ in range(3):
+            identity = f"shared-{round_}"
             clients: list[Client] = []
             ports: dict[Client, int] = {}
             answers: list[bytes] = []
@@ -100,14 +108,16 @@ async def test_exactly_one_winner_among_concurrent_hellos_across_nodes(
             with anyio.fail_after(slack(20)):
                 async with anyio.create_task_group() as tasks:
                     for i in range(200):
-                        tasks.start_soon(hello_from, nodes[i % 3].port, clients, ports, answers)
+                        tasks.start_soon(
+                            hello_from, nodes[i % 3].port, clients, ports, answers, identity
+                        )
             # Settle: every loser's close has been decided (a notice, a lost claim).
             await wait_for(lambda: sum(len(n.live()) for n in nodes) <= 1)
             await anyio.sleep(0.2)
             live = [(n.name, c) for n in nodes for c in n.live()]
             assert len(live) == 1, (round_, live)
             async with redis_client(redis_server) as redis:
-                owner = await redis.get("keepconn:owner:shared")
+                owner = await redis.get(f"keepconn:owner:{identity}")
             assert owner is not None and owner.split("\t")[1] == live[0][0]
             assert answers.count(b"OK") >= 1
             # Every other client's connection was closed by its server; the winner's is open.
@@ -169,6 +179,44 @@ async def test_a_device_bouncing_between_nodes_is_caught_as_flapping(
             "flapping across the cluster"
         ] * 2
         await held.aclose()
+
+
+async def test_two_hosts_fighting_over_one_identity_across_nodes_are_caught_as_a_duplicate(
+    redis_server: RedisServer,
+) -> None:
+    # Two devices on different hosts share an identity and keep taking it from each other, each
+    # on its own node: neither node sees a local takeover, so only the store's count of
+    # host-changing claims can tell. Past two moves the newcomer is refused and the incumbent
+    # keeps the session; its own host may still reconnect (a device replacing its phantom).
+    flapping = FlappingConfig(max_hellos=100, duplicate_takeovers=2, duplicate_window=60)
+    config = ServerConfig(idle_timeout=60, flapping=flapping)
+    async with cluster(redis_server, 3, config=config) as (a, b, c):
+
+        async def hello(node_port: int, host: str) -> tuple[Client, bytes]:
+            client = Client(await anyio.connect_tcp("127.0.0.1", node_port, local_host=host))
+            return client, await client.hello("twin")
+
+        clients = []
+        answers = []
+        for node, host in ((a, "127.0.0.2"), (b, "127.0.0.3"), (a, "127.0.0.2"), (b, "127.0.0.3")):
+            client, answer = await hello(node.port, host)
+            clients.append(client)
+            answers.append(answer)
+        assert answers == [b"OK", b"OK", b"OK", b"BUSY"]
+        assert await clients[3].closed_by_server()
+        # The incumbent (the third hello, from 127.0.0.2 on a) still serves.
+        await clients[2].send(b"DATA kept")
+        assert await clients[2].line() == b"ACK kept"
+        [refused] = closes(b.events, CloseReason.FLAPPING)
+        assert refused.detail == "duplicate identity across the cluster"
+        stats = b.store.stats()
+        assert stats is not None and stats.duplicates_refused == 1
+        # The incumbent's own host replacing its connection, on another node, is no duplicate.
+        again, answer = await hello(c.port, "127.0.0.2")
+        assert answer == b"OK"
+        assert await clients[2].closed_by_server()
+        for client in [*clients, again]:
+            await client.aclose()
 
 
 async def test_a_nodes_cluster_metrics(redis_server: RedisServer) -> None:

@@ -3,7 +3,9 @@ lost and reordered, replies reordered, nodes restarted, and a store that loses i
 
 The store model does what the Lua scripts do (epochs ``max(previous + 1, clock)``, the claimer
 tells the previous owner, epoch-checked release, reassert-if-missing); the machine plays the
-server's glue (one claim per identity in flight per node, close what the core says). Checked:
+server's glue (one claim per identity in flight per node, the local session displaced only by
+a claim that won, close what the core says). Claims may be refused (flapping cluster-wide) and
+devices may give up while their claim is in flight. Checked:
 
 * at quiescence (nothing in flight, every node reconciled since its last lost notice) at most
   one node has a confirmed session per identity -- but for a node that has not renewed since
@@ -97,12 +99,15 @@ class ClusterMachine(RuleBasedStateMachine):
         if not core.admit(self.now) or self._in_flight(node, key):
             return  # refused, or (as the glue does) waiting for the claim in flight
         conn = Conn(node, key)
-        old = self.local[node].get(key)
-        self.local[node][key] = conn
-        core.opened(key, conn)
-        if old is not None:
-            self._close(old)  # the Gatekeeper's local takeover
+        core.claim_sent(key, conn)
         self.requests.append(conn)
+
+    @precondition(lambda self: self.requests)
+    @rule(data=st.data())
+    def device_gives_up_while_claiming(self, data: st.DataObject) -> None:
+        # Its connection closes (a shutdown, say) while the claim is in flight: the glue
+        # still opens it if the claim wins, and its close then releases the claim.
+        data.draw(st.sampled_from(self.requests)).closed = True
 
     @precondition(lambda self: any(self.local.values()))
     @rule(data=st.data())
@@ -113,11 +118,14 @@ class ClusterMachine(RuleBasedStateMachine):
     # -- the store
 
     @precondition(lambda self: self.requests)
-    @rule(data=st.data())
-    def store_runs_a_claim(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), flapping=st.booleans())
+    def store_runs_a_claim(self, data: st.DataObject, flapping: bool = False) -> None:
         conn = self.requests.pop(data.draw(st.integers(0, len(self.requests) - 1)))
         if conn.node in self.cut_off:
             self.replies.append((conn, 0, None))  # the call fails at the node
+            return
+        if flapping:
+            self.replies.append((conn, -1, None))  # refused: nothing claimed, nobody told
             return
         self.clock += data.draw(st.integers(1, 3))  # the store's clock moves on
         previous = self.store.get(conn.key)
@@ -134,19 +142,30 @@ class ClusterMachine(RuleBasedStateMachine):
     def deliver_a_reply(self, data: st.DataObject) -> None:
         conn, epoch, prev = self.replies.pop(data.draw(st.integers(0, len(self.replies) - 1)))
         core = self.cores[conn.node]
-        if epoch == 0:
-            release = core.claim_failed(conn.key, conn)
+        if epoch <= 0:
+            release = core.claim_failed(conn.key, conn, refused=epoch < 0)
             if release is not None:
                 self._release(conn.node, conn.key, release)
-            self._close(conn)  # OVERLOADED
+            self._close(conn)  # OVERLOADED or FLAPPING: the local session stays
             return
-        outcome = core.claimed(conn.key, conn, epoch, remote=prev not in (None, conn.node))
+        outcome = core.claimed(
+            conn.key, conn, epoch, remote=prev not in (None, conn.node), now=self.now
+        )
         if outcome.release is not None:
             self._release(conn.node, conn.key, outcome.release)
         if not outcome.won:
             self._close(conn)  # TAKEN_OVER
-        elif outcome.reassert:
+            return
+        # The Gatekeeper's open: the claim won, so the local session is displaced.
+        gave_up, conn.closed = conn.closed, False
+        old = self.local[conn.node].get(conn.key)
+        self.local[conn.node][conn.key] = conn
+        if old is not None:
+            self._close(old)
+        if outcome.reassert:
             self._reassert(conn.node, [(conn.key, epoch, conn)])
+        if gave_up:
+            self._close(conn)
 
     @precondition(lambda self: self.notices)
     @rule(data=st.data(), lose=st.booleans())
@@ -254,7 +273,7 @@ class ClusterMachine(RuleBasedStateMachine):
         for _ in range(500):
             steps = []
             if self.requests:
-                steps.append(self.store_runs_a_claim)
+                steps.append(lambda d: self.store_runs_a_claim(d, flapping=False))
             if self.replies:
                 steps.append(self.deliver_a_reply)
             if self.notices:

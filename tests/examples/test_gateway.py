@@ -499,13 +499,13 @@ def test_no_close_wait_after_200_clients_close(
             client.close()
         closed_at = time.monotonic()
         while server_side(gw.port, "CLOSE_WAIT") or server_side(gw.port, "ESTABLISHED"):
-            assert time.monotonic() - closed_at < 2.0, census(gw.port).counts
+            assert time.monotonic() - closed_at < slack(2.0), census(gw.port).counts
             time.sleep(0.01)
         settled = time.monotonic() - closed_at
     finally:
         for client in clients:
             client.close()
-    assert settled < 0.5, settled
+    assert settled < slack(0.5), settled
     status = gw.wait_status(lambda s: s["closed"]["PEER_CLOSED"] == 200)
     assert status["sessions"] == 0
     assert status["census"]["CLOSE_WAIT"] == 0

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Hashable, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, TypeVar
 
 import anyio
 import anyio.abc
+import attrs
 
 from .._core.errors import StoreUnavailable
 from .._core.events import ServerEvent, SessionTakenOver
@@ -32,6 +33,9 @@ T = TypeVar("T")
 _CHECK_BATCH = 500
 #: While the store is unreachable, the lease renewal is retried this often (seconds).
 _RETRY = 0.1
+#: Close details of hellos whose claim did not win.
+_UNREACHABLE = "cluster store unreachable"
+_LATER = "a later claim on another node won"
 
 
 async def _cancel_with(scope: anyio.CancelScope) -> None:
@@ -59,9 +63,17 @@ class ClusterStore(Protocol):
         """Renew this node's lease; False if it was gone (and has been made anew)."""
         ...
 
-    async def claim(self, key: str, host: str, limit: tuple[int, float] | None = None) -> Claim:
+    async def claim(
+        self,
+        key: str,
+        host: str,
+        limit: tuple[int, float] | None = None,
+        duplicates: tuple[int, float, float] | None = None,
+    ) -> Claim:
         """Claim ``key`` for this node; the store tells the previous owner. ``limit``: most
-        claims of the identity cluster-wide per window (seconds), else refused as flapping."""
+        claims of the identity cluster-wide per window (seconds), else refused as flapping.
+        ``duplicates``: most claims from a host other than the owner's per window, and how
+        long the identity is then held for its owner (seconds), else refused as a duplicate."""
         ...
 
     async def release(self, held: Sequence[tuple[str, int]]) -> None:
@@ -116,8 +128,17 @@ class ClusterNode:
             if flapping is not None and flapping.enabled
             else None
         )
+        # Duplicate identities too: the store counts takeovers that move an identity between
+        # hosts, on any nodes (two devices fighting over it across nodes are caught so).
+        self._duplicates = (
+            (flapping.duplicate_takeovers, flapping.duplicate_window, flapping.duplicate_hold)
+            if flapping is not None and flapping.detect_duplicates
+            else None
+        )
         #: Hellos refused as flapping cluster-wide.
         self.flapping_refused = 0
+        #: Hellos refused as a duplicate identity cluster-wide.
+        self.duplicates_refused = 0
         self.config = store.config
         self._emit = emit
         self.core: Ownership | None = None
@@ -133,7 +154,12 @@ class ClusterNode:
         """The node's snapshot; None before the server runs it."""
         if self.core is None:
             return None
-        return self.core.stats(anyio.current_time())
+        stats = self.core.stats(anyio.current_time())
+        return attrs.evolve(
+            stats,
+            flapping_refused=self.flapping_refused,
+            duplicates_refused=self.duplicates_refused,
+        )
 
     # -- running
 
@@ -356,63 +382,90 @@ class ClusterNode:
             return self.config.retry_after
         return None if core.admit(anyio.current_time()) else self.config.retry_after
 
-    async def claim(self, conn: Connection[Any]) -> CloseReason | None:
-        """Claim ``conn``'s freshly opened session. None: it won (welcome it); else the reason
-        to close it with (OVERLOADED: store unreachable; TAKEN_OVER: a later claim won)."""
-        core = self._core()
-        key = str(conn.identity)
-        # One claim per identity in flight from this node: the store then orders this node's
-        # claims as the Gatekeeper opened them, so the latest local session always holds the
-        # node's highest epoch. (Sent concurrently, an older session's claim could land last
-        # and win for a connection already displaced here, leaving no winner at all.) A hello
-        # displaced while it waits is cancelled with its connection and never claims.
+    @asynccontextmanager
+    async def turn(self, key: str) -> AsyncIterator[None]:
+        """Hold this node's turn for ``key``: from the Gatekeeper's checks through the claim to
+        the local open, one hello per identity at a time. The store then orders this node's
+        claims as they were sent, so the latest local session always holds the node's
+        highest epoch, and a claim refused or failed leaves the local session as it was.
+        (Claimed concurrently, an older hello's claim could land last and win for a
+        connection already displaced here, leaving no winner at all.)"""
         while (busy := self._inflight.get(key)) is not None:
             await busy.wait()
         done = self._inflight[key] = anyio.Event()
         try:
-            return await self._claim(core, key, conn)
+            yield
         finally:
             del self._inflight[key]
             done.set()
 
-    async def _claim(self, core: Ownership, key: str, conn: Connection[Any]) -> CloseReason | None:
-        core.opened(key, conn)
+    async def claim(self, key: str, conn: Connection[Any]) -> tuple[CloseReason, str] | None:
+        """Claim the identity ``key`` for ``conn``, in the caller's :meth:`turn`. None: it won
+        (open the session now, displacing any local one); else the reason and detail to close
+        it with (OVERLOADED: store unreachable; TAKEN_OVER: a later claim won; FLAPPING:
+        refused cluster-wide, as flapping or as a duplicate identity)."""
+        return await self._claim(self._core(), key, conn)
+
+    async def _claim(
+        self, core: Ownership, key: str, conn: Connection[Any]
+    ) -> tuple[CloseReason, str] | None:
+        core.claim_sent(key, conn)
         self._woken.set()
         try:
             # Shielded: a claim that reached the store must have its reply accounted for,
             # even if the connection is closed (taken over locally, say) meanwhile.
             with anyio.CancelScope(shield=True):
-                claim: Claim = await self._call(self.store.claim, key, str(conn.host), self._limit)
+                claim: Claim = await self._call(
+                    self.store.claim, key, str(conn.host), self._limit, self._duplicates
+                )
         except (TimeoutError, StoreUnavailable) as exc:
             self._release(key, core.claim_failed(key, conn))
             if self.config.mode == "available":
                 logger.info("cluster: %r kept unclaimed: %s", key, exc)
                 return None
-            return CloseReason.OVERLOADED
-        if claim.flapping:
-            self.flapping_refused += 1
+            return CloseReason.OVERLOADED, _UNREACHABLE
+        if claim.flapping or claim.duplicate:
             self._release(key, core.claim_failed(key, conn, refused=True))
-            return CloseReason.FLAPPING
+            if claim.flapping:
+                self.flapping_refused += 1
+                return CloseReason.FLAPPING, "flapping across the cluster"
+            self.duplicates_refused += 1
+            logger.warning(
+                "duplicate identity %r across the cluster: hosts %s and %s keep taking it from "
+                "each other; refusing the newcomer",
+                key,
+                claim.previous_host,
+                conn.host,
+            )
+            return CloseReason.FLAPPING, "duplicate identity across the cluster"
         remote = claim.previous_node not in (None, self.config.node_id)
-        outcome = core.claimed(key, conn, claim.epoch, remote)
-        self._release(key, outcome.release)
+        outcome = core.claimed(key, conn, claim.epoch, remote, anyio.current_time())
+        if outcome.lease_gone:
+            self._release(key, outcome.release)
+            return CloseReason.OVERLOADED, "the node's lease could have expired"
         if not outcome.won:
-            return CloseReason.TAKEN_OVER
+            return CloseReason.TAKEN_OVER, _LATER
         if outcome.reassert:
             with anyio.CancelScope(shield=True):
                 await self._reassert([(key, claim.epoch, conn)])
             if core.live(key) is not conn:
-                return CloseReason.TAKEN_OVER
+                return CloseReason.TAKEN_OVER, _LATER
         return None
 
     async def _claim_kept(self, key: str, conn: Hashable) -> None:
         """Available mode: claim a session kept while the store was unreachable."""
         assert isinstance(conn, Connection)
-        outcome = await self.claim(conn)
-        if outcome is CloseReason.TAKEN_OVER:
+        async with self.turn(key):
+            if self._core().live(key) is not conn:
+                return  # closed or displaced while it waited for its turn
+            outcome = await self.claim(key, conn)
+        if outcome is None:
+            return
+        reason, detail = outcome
+        if reason is CloseReason.TAKEN_OVER:
             self._taken(conn, "another node")
-        elif outcome is CloseReason.FLAPPING:
-            conn.close(outcome, "flapping across the cluster")
+        elif reason is CloseReason.FLAPPING:
+            conn.close(reason, detail)
 
     def closed(self, conn: Connection[Any]) -> None:
         """``conn``'s session ended: release its claim when nothing else here holds it."""

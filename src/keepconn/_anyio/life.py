@@ -39,13 +39,9 @@ from .._core.registry import Session
 from .cluster import ClusterNode
 from .connection import Connection
 from .failures import Failure, errors_in, first_failure
+from .takeover import welcome_answered
 
 __all__ = ["Lifecycle"]
-
-#: Seconds a takeover waits at most for the peer's kernel to acknowledge the new connection's
-#: welcome (a round trip; see Lifecycle._welcome_answered). Past it the takeover goes ahead, as
-#: it would where the kernel cannot say: the wait only bounds what a slow link costs.
-TAKEOVER_CONFIRM = 2.0
 
 logger = logging.getLogger("keepconn.server")
 
@@ -54,14 +50,6 @@ F = TypeVar("F")
 Callback = Callable[[Connection[F]], Awaitable[None]]
 #: The refuse callback: ``(stream, retry_after)``.
 Refuse = Callable[[anyio.abc.ByteStream, float], Awaitable[None]]
-
-
-#: The close details of a hello whose cluster claim did not win, by reason.
-_CLAIM_LOST = {
-    CloseReason.OVERLOADED: "cluster store unreachable",
-    CloseReason.TAKEN_OVER: "a later claim on another node won",
-    CloseReason.FLAPPING: "flapping across the cluster",
-}
 
 
 class Lifecycle(Generic[F]):
@@ -175,6 +163,7 @@ class Lifecycle(Generic[F]):
             self._hello_ended(conn)
             in_hello = False
             if hello is None:
+                self._hello_aborted(conn)  # timed out, refused by identify, a failed handshake
                 return False
             opened, welcomed = await self._open_session(conn, hello)
             if not opened:
@@ -192,9 +181,14 @@ class Lifecycle(Generic[F]):
         finally:
             if in_hello:
                 self._hello_ended(conn)
-                reason = conn.reason
-                if reason is not None:
-                    self._gate.record_hello_aborted(conn.host, anyio.current_time(), reason)
+                self._hello_aborted(conn)
+
+    def _hello_aborted(self, conn: Connection[F]) -> None:
+        # Counted against the peer's address when the end was its doing (the Gatekeeper
+        # tells): what a scanner or a slowloris does, address after address.
+        reason = conn.reason
+        if reason is not None:
+            self._gate.record_hello_aborted(conn.host, anyio.current_time(), reason)
 
     def _failed(self, conn: Connection[F], exc: BaseException) -> None:
         """Give the connection the reason ``exc`` stands for; re-raise what is not ours."""
@@ -309,7 +303,7 @@ class Lifecycle(Generic[F]):
         if hello.welcome is not None and self._gate.takes_over(identity, conn):
             # A takeover resets a live session, so first make sure this peer is still there.
             welcomed = True
-            if not await self._welcome_answered(conn, hello.welcome):
+            if not await welcome_answered(conn, hello.welcome):
                 stale = self._gate.refuse_stale(
                     "the peer reset the connection on its welcome: it had given up on it"
                 )
@@ -318,87 +312,73 @@ class Lifecycle(Generic[F]):
             if self._stopping.is_set() or conn.reason is not None:
                 conn._record(CloseReason.SHUTDOWN)
                 return False, True
-        refusal = self._open_verdict(conn, hello, identity)
-        if refusal is None:
-            if cluster is not None and not await self._claimed(conn, cluster):
-                return False, welcomed
-            return True, welcomed
+        if cluster is not None:
+            # One hello per identity at a time on this node, from the verdict through the
+            # claim to the open: only a claim that won displaces the local session.
+            key = str(identity)
+            async with cluster.turn(key):
+                refusal = self._verdict(conn, identity)
+                if refusal is None:
+                    return await self._claim_and_open(conn, hello, cluster, key), welcomed
+        else:
+            refusal = self._verdict(conn, identity)
+            if refusal is None:
+                # Synchronous from the verdict to the open: no other task can interleave, so
+                # of any number of concurrent hellos for one identity exactly one is live.
+                self._open(conn, hello, identity)
+                return True, welcomed
         # The application's own refusal (hello.refusal) speaks its protocol; the generic
         # refuse callback is for connections refused before their hello was read.
         hint = None if hello.refusal is not None or welcomed else refusal.retry_after
         await self._refuse_connection(conn, refusal, hint)
         return False, welcomed
 
-    async def _welcome_answered(self, conn: Connection[F], welcome: bytes) -> bool:
-        """Send the welcome; False if the peer's kernel answers it with a reset.
-
-        Under a listen-queue overflow the kernel completes some connections late (from a SYN
-        cookie, or when a retransmitted ACK finds room), after the newer connection the
-        device opened once it gave up on this one: accept order then puts the abandoned
-        connection last, and its CONNECT (retransmitted by the device's kernel) would take
-        the live session over. Nothing on the server's side tells the two apart before a
-        byte goes out, but a peer that closed its socket answers data with a reset, and a
-        live one acknowledges it within a round trip. Where the kernel cannot say (no
-        SIOCOUTQ), or past TAKEOVER_CONFIRM, the takeover goes ahead.
-        """
-        try:
-            await conn.send(welcome)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            return False
-        deadline = anyio.current_time() + TAKEOVER_CONFIRM
-        pause = 0.001
-        while True:
-            if conn._peer_gone():
-                return False
-            waiting = conn._unacknowledged()
-            if not waiting or anyio.current_time() >= deadline:
-                return True
-            await anyio.sleep(pause)
-            pause = min(2 * pause, 0.05)
-
-    async def _claimed(self, conn: Connection[F], cluster: ClusterNode) -> bool:
-        """Local first, then the store: of local hellos the Gatekeeper chose one already;
-        across nodes the claim's epoch decides (see _core/ownership.py). False if lost."""
-        lost = await cluster.claim(conn)
+    async def _claim_and_open(
+        self, conn: Connection[F], hello: Hello, cluster: ClusterNode, key: str
+    ) -> bool:
+        """In the node's turn for the identity, after the verdict: True if the claim won and
+        the session opened (displacing the local one); a claim refused cluster-wide or failed
+        leaves the local session serving."""
+        lost = await cluster.claim(key, conn)
         if lost is not None:
-            conn._record(lost, _CLAIM_LOST[lost])
+            conn._record(*lost)
             return False
-        # Closed while its claim was in flight (taken over, shutdown)?
+        self._open(conn, hello, hello.identity)
+        # Closed while its claim was in flight (shutdown, the store's reassert lost)? Its
+        # session is open now, so its close releases the claim.
         return conn.reason is None
 
-    def _open_verdict(
-        self, conn: Connection[F], hello: Hello, identity: Hashable
-    ) -> Refusal | None:
-        """The gatekeeper's verdict and, if it opens the session, the open (and the takeover):
-        synchronous, so no other task interleaves. None once open, else the refusal."""
+    def _verdict(self, conn: Connection[F], identity: Hashable) -> Refusal | None:
+        """The gatekeeper's verdict on an authenticated hello: None if it may open."""
         now = anyio.current_time()
-        # Synchronous from the verdict to the open: no other task can interleave, so of any
-        # number of concurrent hellos for one identity exactly one session is live afterwards.
-        verdict = self._gate.open_session(now, identity, conn, timeout=hello.timeout)
-        if isinstance(verdict, Refusal):
-            if verdict.duplicate is not None:
-                # Two live devices share an identity: keep the incumbent, refuse the newcomer,
-                # and say so loudly instead of looping on takeovers.
-                until = verdict.duplicate.until if verdict.duplicate.until is not None else now
-                logger.warning(
-                    "duplicate identity %r: hosts %s keep taking it from each other; "
-                    "refusing newcomers for %.0f s",
-                    identity,
-                    " and ".join(map(str, verdict.duplicate.peers)),
-                    until - now,
-                )
-            return verdict
+        verdict = self._gate.verdict(now, identity, conn)
+        if verdict is not None and verdict.duplicate is not None:
+            # Two live devices share an identity: keep the incumbent, refuse the newcomer,
+            # and say so loudly instead of looping on takeovers.
+            until = verdict.duplicate.until if verdict.duplicate.until is not None else now
+            logger.warning(
+                "duplicate identity %r: hosts %s keep taking it from each other; "
+                "refusing newcomers for %.0f s",
+                identity,
+                " and ".join(map(str, verdict.duplicate.peers)),
+                until - now,
+            )
+        return verdict
+
+    def _open(self, conn: Connection[F], hello: Hello, identity: Hashable) -> None:
+        """Open the session (displacing the identity's live one): synchronous."""
+        now = anyio.current_time()
+        opening = self._gate.open(now, identity, conn, timeout=hello.timeout)
         config = self._config
         pinger = Pinger(config.heartbeat, now) if config.heartbeat is not None else None
         policer = PingPolicer(config.ping_rate) if config.ping_rate is not None else None
-        conn._attach(verdict.session, pinger, policer)
-        old = verdict.displaced
+        conn._attach(opening.session, pinger, policer)
+        old = opening.displaced
         if old is not None:
             old_conn: Connection[F] = old.conn
             old_conn.close(CloseReason.TAKEN_OVER, f"by {conn.peer!r}")
             self._emit(SessionTakenOver(identity, old_conn.peer, conn.peer))
         self._emit(ConnectionOpened(identity, conn.peer, old is not None))
-        return None
 
     def _session(self, conn: Connection[F]) -> Awaitable[None]:
         """What serves the open session: the handler (with the ping loop beside it under a

@@ -144,10 +144,19 @@ class Gatekeeper:
     ) -> Opening | Refusal:
         """After an authenticated hello: open ``identity``'s session for ``conn``, or refuse.
 
-        ``timeout`` is the session's own idle timeout (None: the registry's default).
+        ``timeout`` is the session's own idle timeout (None: the registry's default). The
+        same as :meth:`verdict` then :meth:`open`, for a server with nothing to ask between.
         """
-        registry = self.registry
-        old = registry.get(identity)
+        refusal = self.verdict(now, identity, conn)
+        if refusal is not None:
+            return refusal
+        return self.open(now, identity, conn, timeout=timeout)
+
+    def verdict(self, now: float, identity: Hashable, conn: Candidate) -> Refusal | None:
+        """After an authenticated hello: the refusal of ``conn``'s hello for ``identity``, or
+        None if its session may open (the hello is counted for flapping either way). A server
+        in a cluster asks the store between this and :meth:`open`."""
+        old = self.registry.get(identity)
         if old is not None:
             incumbent: Candidate = old.conn
             if conn.order < incumbent.order:
@@ -156,7 +165,9 @@ class Gatekeeper:
                     CloseReason.STALE_HELLO, f"a newer connection holds {identity!r}'s session"
                 )
         if self.admission is not None:
-            decision = self.admission.admit_session(now, len(registry), takeover=old is not None)
+            decision = self.admission.admit_session(
+                now, len(self.registry), takeover=old is not None
+            )
             if not decision.admitted:
                 return Refusal(CloseReason.OVERLOADED, decision.limit or "", decision.retry_after)
         if self.flapping is not None:
@@ -168,6 +179,15 @@ class Gatekeeper:
                 detail = f"{verdict.kind.value} for {until - now:.0f} s more"
                 duplicate = verdict if verdict.kind is VerdictKind.DUPLICATE else None
                 return Refusal(CloseReason.FLAPPING, detail, duplicate=duplicate)
+        return None
+
+    def open(
+        self, now: float, identity: Hashable, conn: Candidate, *, timeout: float | None = None
+    ) -> Opening:
+        """Open ``identity``'s session for ``conn`` (its hello passed :meth:`verdict`),
+        displacing the live one if any."""
+        registry = self.registry
+        old = registry.get(identity)
         session = registry.open(identity, now=now, timeout=timeout, conn=conn)
         if old is not None:
             self.takeovers += 1

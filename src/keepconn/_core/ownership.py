@@ -11,12 +11,15 @@ module decides, with an explicit ``now`` everywhere. The rules, and why:
   eviction notice). That notice can arrive before this node's own claim reply; the node keeps
   the highest notice epoch per identity it has a claim in flight for, and the late reply with a
   lower epoch loses (its connection is closed TAKEN_OVER before it is welcomed).
-* **Local first, then the store.** The server's Gatekeeper opens the session locally (one
-  winner among local hellos, synchronously), then the claim goes out. Ownership is per node:
-  the store records which node holds an identity and the highest epoch it got; locally the
-  Gatekeeper's live session is the one. A release (on close) is sent only when no local
-  session and no claim in flight is left for the identity, and carries the node's highest
-  epoch, so it never deletes a newer owner's record.
+* **The store first, then the local takeover.** A hello that passed the Gatekeeper's checks
+  claims the identity (one claim per identity in flight per node, so the store orders this
+  node's claims as they were sent); only a claim that won opens the session and displaces the
+  local one. Until then the local session keeps the identity: a claim refused (flapping
+  cluster-wide) or failed (store unreachable) leaves it serving, instead of leaving no winner.
+  Ownership is per node: the store records which node holds an identity and the highest epoch
+  it got; locally the Gatekeeper's live session is the one. A release (on close) is sent only
+  when no local session and no claim in flight is left for the identity, and carries the
+  node's highest epoch, so it never deletes a newer owner's record.
 * **One lease per node.** The node renews one lease key (renewals grow with nodes, not
   devices). ``valid_until`` is the send time of the last renewal that succeeded plus
   ``node_ttl``: the store cannot have let the lease expire before then.
@@ -30,8 +33,8 @@ module decides, with an explicit ``now`` everywhere. The rules, and why:
 * **The store came back empty** (its lease was gone at a renewal): every live session is
   reasserted with its epoch: set when the record is missing, lost (TAKEN_OVER) when another
   node has claimed it since.
-* **Dead nodes' records** (no lease left) are deleted by a collector that the nodes take turns
-  to run, one bounded batch per ``collect_interval`` cluster-wide (the store's script).
+* **Dead nodes' records** (no lease) are deleted by the store's collector script, one batch
+  per ``collect_interval`` cluster-wide.
 """
 
 from __future__ import annotations
@@ -88,12 +91,10 @@ class ClusterConfig:
     :param key_prefix: prefix of every key and channel (several clusters may share a store).
     :param retry_after: the retry hint (seconds) given to hellos refused while the store is down.
     :param collect_interval: seconds between two steps of the collector of dead nodes' owner
-        records, cluster-wide (the nodes take turns: one step per interval whatever their
-        number); None: never collect (a record whose node died then stays until its identity
-        is claimed again).
-    :param collect_batch: owner-record keys one collector step scans (Redis ``SCAN ... COUNT``):
-        the work of a step is bounded, and a full pass over N keys takes about
-        ``N / collect_batch`` intervals.
+        records, cluster-wide (one step per interval, whatever the number of nodes); None:
+        never (a dead node's record then stays until its identity is claimed again).
+    :param collect_batch: keys one collector step scans (``SCAN ... COUNT``): a full pass over
+        N keys takes about ``N / collect_batch`` intervals.
     """
 
     node_id: str = attrs.field(validator=_node_id)
@@ -109,8 +110,7 @@ class ClusterConfig:
         default=1.0, validator=number(minimum=0.1, min_inclusive=True, optional=True)
     )
     collect_batch: int = attrs.field(
-        default=1000,
-        validator=number(minimum=1, maximum=100_000, min_inclusive=True, integer=True),
+        default=1000, validator=number(minimum=1, maximum=1e5, min_inclusive=True, integer=True)
     )
 
     def __attrs_post_init__(self) -> None:
@@ -162,6 +162,9 @@ class ClusterStats:
     lease_lost: int
     #: Seconds the lease is still known valid (0 or less: could have expired).
     lease_left: float
+    #: Hellos refused by the store as flapping, and as a duplicate identity, cluster-wide.
+    flapping_refused: int = 0
+    duplicates_refused: int = 0
     #: Owner records of dead nodes (no lease) this node's collector steps deleted.
     records_collected: int = 0
 
@@ -181,15 +184,22 @@ class Claim:
     #: Refused: the identity is flapping cluster-wide (``recent`` over the limit). Nothing was
     #: claimed and nobody was told.
     flapping: bool = False
+    #: Refused: the identity is held as duplicated (devices on two hosts keep taking it from
+    #: each other, on any nodes); ``previous_host`` is the owner's. Nothing was claimed.
+    duplicate: bool = False
 
 
 @attrs.frozen
 class ClaimOutcome:
     """What a claim reply means for its connection."""
 
-    #: False: a later claim by another node already won; close the connection TAKEN_OVER.
+    #: False: a later claim by another node already won (close the connection TAKEN_OVER),
+    #: or with ``lease_gone`` the node's lease could have expired meanwhile.
     won: bool
-    #: An epoch to release now (the connection is gone and nothing else holds the identity).
+    #: The reply came after the node's lease could have expired: the connection is refused
+    #: as if the store were unreachable (OVERLOADED) and ``release`` is to be sent.
+    lease_gone: bool = False
+    #: An epoch to release now.
     release: int | None = None
     #: The store lost its data while this claim was in flight (the lease was found gone in
     #: between): its record may be gone with it, so the adapter reasserts it before trusting
@@ -276,19 +286,22 @@ class Ownership:
 
     # -- claims, notices, closes
 
-    def opened(self, key: str, conn: Hashable) -> None:
-        """The Gatekeeper opened ``conn``'s session for ``key`` (displacing any local one);
-        its claim is being sent."""
+    def claim_sent(self, key: str, conn: Hashable) -> None:
+        """A hello on ``conn`` for ``key`` passed the Gatekeeper; its claim is being sent. The
+        identity's local session, if any, keeps it until the claim wins."""
         entry = self._entries.get(key)
         if entry is None:
             entry = self._entries[key] = _Entry()
-        entry.live = conn
-        entry.live_epoch = None
         entry.pending += 1
         entry.generation = self.lease_lost
 
-    def claimed(self, key: str, conn: Hashable, epoch: int, remote: bool) -> ClaimOutcome:
-        """``conn``'s claim got ``epoch``; ``remote``: it took the identity from another node."""
+    def claimed(
+        self, key: str, conn: Hashable, epoch: int, remote: bool, now: float
+    ) -> ClaimOutcome:
+        """``conn``'s claim got ``epoch``; ``remote``: it took the identity from another node.
+        Won: ``conn`` is the identity's local session from now on (the adapter opens it,
+        displacing the one before, even if ``conn`` was closed meanwhile: its close then
+        releases the claim)."""
         self.store_ok()
         entry = self._entries[key]
         entry.pending -= 1
@@ -296,32 +309,36 @@ class Ownership:
         if remote:
             self.took_from_remote += 1
         if entry.seen > epoch:
-            # Another node claimed after us and told us before our reply came back.
-            if entry.live is conn:
-                entry.live = None
-                self.remote_takeovers += 1
+            # Another node claimed after us and told us before our reply came back (the
+            # notice closed any older local session already).
+            self.remote_takeovers += 1
             self._forget_if_idle(key, entry)
             return ClaimOutcome(False)
-        if entry.live is conn:
-            entry.live_epoch = epoch
-            return ClaimOutcome(True, reassert=entry.generation != self.lease_lost)
-        # The connection was closed (or displaced locally) while its claim was in flight.
-        return ClaimOutcome(True, self._release_if_idle(key, entry))
+        if self.config.mode == "consistent" and now >= self.valid_until:
+            # A node whose lease could have expired serves nothing, not even what it has just
+            # claimed (a reply can be that late when renewals are failing meanwhile).
+            self.refused += 1
+            return ClaimOutcome(False, lease_gone=True, release=self._release_if_idle(key, entry))
+        entry.live = conn
+        entry.live_epoch = epoch
+        return ClaimOutcome(True, reassert=entry.generation != self.lease_lost)
 
     def claim_failed(self, key: str, conn: Hashable, *, refused: bool = False) -> int | None:
-        """``conn``'s claim failed (the adapter closes it, or keeps it unclaimed in available
+        """``conn``'s claim failed (the adapter closes it, or opens it unclaimed in available
         mode), or with ``refused`` the store refused it (flapping: the adapter closes it).
-        Returns an epoch to release, if the identity is left with nothing here."""
+        The identity's local session, if any, keeps it. Returns an epoch to release, if the
+        identity is left with nothing here."""
         if refused:
             self.store_ok()
         else:
             self.store_failed()
         entry = self._entries[key]
         entry.pending -= 1
-        if entry.live is conn and self.config.mode == "available" and not refused:
-            return None  # kept, unclaimed: reasserted when the store is back
-        if entry.live is conn:
-            entry.live = None
+        if self.config.mode == "available" and not refused:
+            # Kept, unclaimed: reasserted when the store is back.
+            entry.live = conn
+            entry.live_epoch = None
+            return None
         return self._release_if_idle(key, entry)
 
     def notice(self, key: str, epoch: int) -> Hashable | None:

@@ -181,11 +181,20 @@ class RedisCluster:
         self._offset_us = store_us - int((sent + time.time()) / 2 * 1_000_000)
         return bool(int(existed))
 
-    async def claim(self, key: str, host: str, limit: tuple[int, float] | None = None) -> Claim:
+    async def claim(
+        self,
+        key: str,
+        host: str,
+        limit: tuple[int, float] | None = None,
+        duplicates: tuple[int, float, float] | None = None,
+    ) -> Claim:
         """Claim ``key`` for this node, telling the previous owner (one round trip).
 
         ``limit``: (most claims, window seconds) of the identity cluster-wide; one more is
-        refused (``Claim.flapping``) without touching the current owner."""
+        refused (``Claim.flapping``) without touching the current owner. ``duplicates``:
+        (most claims from another host than the owner's, window, hold seconds); one more
+        holds the identity as duplicated, and claims from another host are refused
+        (``Claim.duplicate``) for the hold."""
         prefix = self._prefix
         if self._offset_us is None:
             raise StoreUnavailable("claim: the store's clock is not known yet (no renewal)")
@@ -194,16 +203,34 @@ class RedisCluster:
         most, window_ms = (
             (0, _HITS_WINDOW_MS) if limit is None else (limit[0], int(limit[1] * 1000))
         )
+        moves, moves_ms, hold_ms = (
+            (0, 0, 0)
+            if duplicates is None
+            else (duplicates[0], int(duplicates[1] * 1000), int(duplicates[2] * 1000))
+        )
         reply = await self._script(
             "claim",
-            [f"{prefix}:owner:{key}", f"{prefix}:hits:{key}"],
-            [self.node_id, host, prefix, window_ms, key, deadline, most],
+            [
+                f"{prefix}:owner:{key}",
+                f"{prefix}:hits:{key}",
+                f"{prefix}:dup:{key}",
+                f"{prefix}:moves:{key}",
+            ],
+            [self.node_id, host, prefix, window_ms, key, deadline, most, moves, moves_ms, hold_ms],
         )
         epoch, previous, previous_host, recent = reply
         if epoch == "0":
             raise StoreUnavailable("claim: reached the store after its deadline (a stall)")
         if epoch == "-1":
             return Claim(epoch=0, recent=int(recent), flapping=True)
+        if epoch == "-2":
+            return Claim(
+                epoch=0,
+                previous_node=previous or None,
+                previous_host=previous_host or None,
+                recent=int(recent),
+                duplicate=True,
+            )
         return Claim(
             epoch=int(epoch),
             previous_node=previous or None,

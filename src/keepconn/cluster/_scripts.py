@@ -4,6 +4,8 @@ Keys (``P`` is ``ClusterConfig.key_prefix``)::
 
     P:owner:IDENTITY   "EPOCH\\tNODE\\tHOST"   who holds the identity, with its fencing epoch
     P:hits:IDENTITY    claims in the current window (cluster-wide flapping), expires with it
+    P:moves:IDENTITY   claims that moved it to another host in the current duplicate window
+    P:dup:IDENTITY     present while the identity is held as duplicated (PX the hold)
     P:node:NODE        the node's lease (PX node_ttl)
     P:evict:NODE       the node's pub/sub channel of eviction notices "IDENTITY\\tEPOCH\\tBY"
     P:collect:lock     the node that ran the last collector step (PX collect_interval)
@@ -22,13 +24,15 @@ from __future__ import annotations
 
 __all__ = ["CLAIM", "COLLECT", "RELEASE", "RENEW", "REASSERT"]
 
-#: KEYS: owner, hits. ARGV: node, host, prefix, hits window (ms), identity, deadline (store
-#: time, us), most claims per window (0: no limit).
+#: KEYS: owner, hits, dup, moves. ARGV: node, host, prefix, hits window (ms), identity,
+#: deadline (store time, us), most claims per window (0: no limit), most host-changing claims
+#: per duplicate window (0: no duplicate detection), duplicate window (ms), hold (ms).
 #: Returns {epoch, previous node or "", previous host or "", recent claims}, with epoch "0"
 #: when the claim arrived after its deadline (a claim the node gave up on -- a stalled store
-#: runs it when it resumes -- must not take an identity over after the fact) and "-1" when
+#: runs it when it resumes -- must not take an identity over after the fact), "-1" when
 #: the identity is flapping cluster-wide (too many claims within the window, on any nodes:
-#: refused without touching its owner).
+#: refused without touching its owner) and "-2" when two hosts keep taking it from each other
+#: (a duplicate identity: the claim from another host is refused, the owner keeps it).
 CLAIM = r"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -47,6 +51,17 @@ if cur then
     if pe + 1 > epoch then epoch = pe + 1 end
     pnode = n
     phost = h
+  end
+end
+local dmost = tonumber(ARGV[8])
+if dmost > 0 and phost ~= '' and phost ~= ARGV[2] then
+  -- A takeover from another host: counted, and past the limit the identity is held.
+  if redis.call('EXISTS', KEYS[3]) == 1 then return {'-2', pnode, phost, recent} end
+  local moves = redis.call('INCR', KEYS[4])
+  if moves == 1 then redis.call('PEXPIRE', KEYS[4], ARGV[9]) end
+  if moves > dmost then
+    redis.call('SET', KEYS[3], '1', 'PX', ARGV[10])
+    return {'-2', pnode, phost, recent}
   end
 end
 local es = string.format('%.0f', epoch)

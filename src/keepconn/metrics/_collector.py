@@ -397,6 +397,16 @@ def _cluster_families(
         ("cluster_store_errors", "Store calls failed or timed out.", "store_errors"),
         ("cluster_lease_lost", "Times the node found its lease gone and reasserted.", "lease_lost"),
         (
+            "cluster_flapping_refused",
+            "Hellos refused as flapping by the cluster-wide count.",
+            "flapping_refused",
+        ),
+        (
+            "cluster_duplicates_refused",
+            "Hellos refused as a duplicate identity across the cluster.",
+            "duplicates_refused",
+        ),
+        (
             "cluster_records_collected",
             "Owner records of dead nodes deleted by this node's collector steps.",
             "records_collected",
