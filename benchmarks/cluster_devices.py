@@ -13,9 +13,11 @@ Started as ``python cluster_devices.py SPEC_JSON``; JSON lines on stdout, comman
   with SO_LINGER 0, which drops it from the kernel's table as the RST leaves, and loopback
   delivers it within microseconds), or None when the old socket was not reset within
   ``watch`` seconds. ``{"kind": "trials", "results": [...]}`` when done;
-* ``ports``: ``{"kind": "ports", "devices": {client_id: [[address, port, node port], ...]}}``
-  for each open socket,
-  the abandoned ones included, to match against the nodes' kernel tables;
+* ``ports``: ``{"kind": "ports", "devices": {client_id: [[address, port, node port, role],
+  ...]}, "history": {client_id: [[node, local port, outcome, seconds], ...]}}`` for each open
+  socket, the abandoned ones included (role ``"live"`` or ``"abandoned"``), to match against
+  the nodes' kernel tables, and every connect attempt of each device (outcome: the CONNACK's
+  return code, ``"timeout"`` or ``"error"``; seconds since the process started);
 * ``quit``: close everything and exit.
 """
 
@@ -36,6 +38,7 @@ from device_gateway import mqtt_codec as mq
 #: connect() time by the whole 4-tuple, so one source address serves every node's port.
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 CONNECT_TIMEOUT = 10.0
+STARTED = time.monotonic()
 
 
 def emit(message: dict[str, Any]) -> None:
@@ -58,6 +61,8 @@ class Device:
         self.sent = 0.0
         self.heartbeat: asyncio.Task[None] | None = None
         self.abandoned: list[asyncio.StreamWriter] = []
+        #: [node, local port, outcome, seconds since start] of every connect attempt.
+        self.history: list[list[Any]] = []
 
     async def connect(self) -> tuple[float, asyncio.StreamReader] | None:
         """Connect to the current node; (ms from CONNECT written to CONNACK 0, reader), or
@@ -68,13 +73,18 @@ class Device:
         sock.bind((self.source, 0))
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
+        attempt: list[Any] = [self.node, None, "error", round(time.monotonic() - STARTED, 3)]
+        self.history.append(attempt)
         try:
             head, reader, writer = await asyncio.wait_for(
-                self._hello(loop, sock, host, port), CONNECT_TIMEOUT
+                self._hello(loop, sock, host, port, attempt), CONNECT_TIMEOUT
             )
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                attempt[2] = "timeout"
             sock.close()
             return None
+        attempt[2] = head[3] if head[0] == 0x20 else f"packet {head[0]:#x}"
         if head[0] != 0x20 or head[3] != 0:
             writer.transport.abort()
             return None
@@ -82,9 +92,15 @@ class Device:
         return (time.monotonic() - self.sent) * 1000.0, reader
 
     async def _hello(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, host: str, port: int
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        host: str,
+        port: int,
+        attempt: list[Any],
     ) -> tuple[bytes, asyncio.StreamReader, asyncio.StreamWriter]:
         await loop.sock_connect(sock, (host, port))
+        attempt[1] = sock.getsockname()[1]
         reader, writer = await asyncio.open_connection(sock=sock)
         hello = mq.Connect(
             self.client_id,
@@ -158,16 +174,18 @@ class Device:
         result["gone_ms"] = round((reset_at - self.sent) * 1000.0, 3)
         return result
 
-    def ports(self) -> list[tuple[str, int, int]]:
-        writers = [*self.abandoned, *([self.writer] if self.writer else [])]
+    def ports(self) -> list[tuple[str, int, int, str]]:
+        writers = [(w, "abandoned") for w in self.abandoned]
+        if self.writer is not None:
+            writers.append((self.writer, "live"))
         ports = []
-        for writer in writers:
+        for writer, role in writers:
             sock = writer.get_extra_info("socket")
             if sock is not None and sock.fileno() >= 0:
                 # The node's port too: with IP_BIND_ADDRESS_NO_PORT one (address, port) serves
                 # a connection to each node, so only the triple names one socket.
                 try:
-                    ports.append((*sock.getsockname()[:2], sock.getpeername()[1]))
+                    ports.append((*sock.getsockname()[:2], sock.getpeername()[1], role))
                 except OSError:
                     continue  # reset since: the kernel's table no longer lists it either
         return ports
@@ -223,7 +241,13 @@ class Pool:
             if line[0] == "reboot":
                 await self.reboots(int(line[1]), float(line[2]))
             elif line[0] == "ports":
-                emit({"kind": "ports", "devices": {d.client_id: d.ports() for d in self.devices}})
+                emit(
+                    {
+                        "kind": "ports",
+                        "devices": {d.client_id: d.ports() for d in self.devices},
+                        "history": {d.client_id: d.history for d in self.devices},
+                    }
+                )
             elif line[0] == "quit":
                 break
         for device in self.devices:

@@ -78,6 +78,8 @@ class GatewayProcess:
             str(self.status_port),
             *extra,
         ]
+        #: The file the gateway's stderr (its log) goes to, if any.
+        self.log_path = log
         self._log = open(log, "w") if log is not None else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=self._log, text=True, bufsize=1

@@ -225,6 +225,8 @@ def cluster_status(cluster: RedisCluster, local_takeovers: int) -> dict[str, Any
         "lease_lost": stats.lease_lost,
         "flapping_refused": stats.flapping_refused,
         "duplicates_refused": stats.duplicates_refused,
+        # Owner records of dead nodes (lease gone) this node's collector steps deleted.
+        "records_collected": stats.records_collected,
         "lease_left": None if stats.lease_left is None else round(stats.lease_left, 3),
     }
 

@@ -38,6 +38,10 @@ class Conn:
         {"node_id": "a", "mode": "eventual"},
         {"node_id": "a", "reconcile_interval": 0},
         {"node_id": "a", "key_prefix": ""},
+        {"node_id": "a", "collect_interval": 0},
+        {"node_id": "a", "collect_batch": 0},
+        {"node_id": "a", "collect_batch": 1.5},
+        {"node_id": "a", "collect_batch": 1_000_000},
     ],
 )
 def test_a_bad_config_fails_when_built(options: dict[str, object]) -> None:
@@ -49,6 +53,17 @@ def test_defaults() -> None:
     config = ClusterConfig(node_id="gw-1")
     assert (config.node_ttl, config.store_timeout, config.mode) == (10.0, 0.5, "consistent")
     assert config.renew_interval == 10.0 / 8 and config.spread == 1.0
+    assert (config.collect_interval, config.collect_batch) == (1.0, 1000)
+    assert ClusterConfig(node_id="gw-1", collect_interval=None).collect_interval is None
+
+
+def test_collector_steps_count_as_store_calls_and_add_up() -> None:
+    own = Ownership(ClusterConfig(node_id="a", node_ttl=TTL), 0.0)
+    own.store_failed()
+    own.collected(3)
+    own.collected(0)
+    stats = own.stats(0.0)
+    assert (stats.records_collected, stats.store_round_trips, stats.store_healthy) == (3, 2, True)
 
 
 def test_hellos_are_refused_before_the_first_renewal_and_while_the_store_fails() -> None:

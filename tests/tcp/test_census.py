@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -88,6 +91,69 @@ def test_parser_decodes_a_row() -> None:
     (row6,) = parse_proc_net_tcp([LINE6], 6)
     assert row6.local_address == "::1" and row6.state == "CLOSE_WAIT"
     assert parse_proc_net_tcp([LINE4.format(st="01")], 4, port=80) == []
+
+
+def test_a_socket_the_kernel_listed_twice_is_counted_once(tmp_path: Path) -> None:
+    # /proc/net/tcp is read in chunks: a table that changes between two of them can list a
+    # socket again (seen in the cluster benchmark: one device's one socket, six times).
+    # Repeats of one socket go; two sockets with the same addresses in different states (a
+    # TIME_WAIT and its successor), or owned by different inodes, are both kept.
+    established = LINE4.format(st="01")
+    repeat = established.replace("   0:", "  57:").replace("02:000003E8", "02:000003E0")
+    time_wait = LINE4.format(st="06").replace(" 4242 ", " 0 ")
+    other = LINE4.format(st="01").replace(" 4242 ", " 4343 ")
+    header = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when ...\n"
+    (tmp_path / "net").mkdir()
+    lines = [established, repeat, time_wait, repeat, other]
+    (tmp_path / "net" / "tcp").write_text(header + "\n".join(lines) + "\n")
+    found = census(8080, proc=str(tmp_path))
+    assert found.duplicates == 2
+    assert [row.inode for row in found.sockets] == [4242, 0, 4343]
+    assert found.counts == {"ESTABLISHED": 2, "TIME_WAIT": 1}
+
+
+def test_a_table_read_while_other_sockets_churn_never_counts_one_twice() -> None:
+    # 1,000 held connections on one port while another port's connections open and close as
+    # fast as they can (each close a RST, so nothing lingers): reads of the changing table
+    # repeat rows (up to hundreds of a 3,000-socket table when measured), and census() must
+    # not count them. (It may miss some: no reader of /proc can see those.)
+    held = 1000
+    sockets: list[socket.socket] = []
+    stop = threading.Event()
+    linger = struct.pack("ii", 1, 0)
+
+    def churn(listener: socket.socket) -> None:
+        port = listener.getsockname()[1]
+        for _ in range(10_000):  # bounded, and ended by the test well before
+            if stop.is_set():
+                return
+            batch = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+            batch += [listener.accept()[0] for _ in range(50)]
+            for one in batch:
+                one.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+                one.close()
+
+    with (
+        socket.create_server(("127.0.0.1", 0), backlog=2048) as server,
+        socket.create_server(("127.0.0.1", 0), backlog=2048) as other,
+    ):
+        port = server.getsockname()[1]
+        thread = threading.Thread(target=churn, args=(other,), daemon=True)
+        try:
+            for _ in range(held):
+                sockets.append(socket.create_connection(("127.0.0.1", port)))
+                sockets.append(server.accept()[0])
+            thread.start()
+            deadline = time.monotonic() + slack(10)
+            counts = []
+            while len(counts) < 30 and time.monotonic() < deadline:
+                counts.append(census(port).count("ESTABLISHED"))
+            assert counts and max(counts) <= held, counts
+        finally:
+            stop.set()
+            thread.join(slack(10))
+            for one in sockets:
+                one.close()
 
 
 def test_parser_is_fast_at_twenty_thousand_sockets() -> None:

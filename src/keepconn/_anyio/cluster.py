@@ -38,6 +38,14 @@ _UNREACHABLE = "cluster store unreachable"
 _LATER = "a later claim on another node won"
 
 
+async def _cancel_with(scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` when this task is cancelled (see :meth:`ClusterNode.run`)."""
+    try:
+        await anyio.sleep_forever()
+    finally:
+        scope.cancel()
+
+
 class ClusterStore(Protocol):
     """What a Server needs of a cluster store. Every call may raise StoreUnavailable; the
     caller bounds each one with ``config.store_timeout``."""
@@ -68,8 +76,9 @@ class ClusterStore(Protocol):
         long the identity is then held for its owner (seconds), else refused as a duplicate."""
         ...
 
-    async def release(self, key: str, epoch: int) -> None:
-        """Delete ``key``'s record if it is still this node's claim with ``epoch``."""
+    async def release(self, held: Sequence[tuple[str, int]]) -> None:
+        """Delete each ``(key, epoch)`` record that is still this node's claim with that
+        epoch, in one round trip."""
         ...
 
     async def owners(self, keys: Sequence[str]) -> list[str | None]:
@@ -86,6 +95,11 @@ class ClusterStore(Protocol):
         """Receive this node's eviction notices ``(key, epoch, by_node)`` for ever,
         resubscribing after any loss of the subscription; ``on_subscribed`` after each
         (re)subscription (notices sent meanwhile are lost: the node reconciles)."""
+        ...
+
+    async def collect(self) -> int | None:
+        """One step of the collector of dead nodes' owner records, if it is this node's turn:
+        the number deleted (None: not its turn, or collection is off)."""
         ...
 
     async def leave(self) -> None:
@@ -151,26 +165,47 @@ class ClusterNode:
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
         """Connect the store and run the lease, notices, reconciliation and the store-down
-        policy until cancelled. Started before the server accepts."""
+        policy until cancelled; then give up the lease and this node's records. Started
+        before the server accepts."""
         self.core = Ownership(self.config, anyio.current_time())
-        async with self.store.connected(), anyio.create_task_group() as tasks:
+        work = anyio.CancelScope()
+        async with anyio.create_task_group() as guard:
+            # The store client lives in a shielded scope: its connections run in tasks of
+            # the client's own task group, and a cancellation that reached them would cut
+            # the very connection the lease must be given up on ("leave: ConnectionError").
+            # The guard task takes the cancellation in the client's stead and passes it on
+            # to the node's own tasks (``work``); the client closes after the leave.
+            guard.start_soon(_cancel_with, work, name="keepconn cluster guard")
+            with anyio.CancelScope(shield=True):
+                async with self.store.connected():
+                    try:
+                        with work:
+                            await self._work(task_status)
+                    finally:
+                        self._running = False
+                        # The node's tasks have all ended (none renews the lease after it
+                        # is deleted); what is left is bounded by store_timeout per call.
+                        await self._leave()
+            guard.cancel_scope.cancel()
+
+    async def _work(self, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with anyio.create_task_group() as tasks:
             tasks.start_soon(self._renew_forever, name="keepconn cluster lease")
             tasks.start_soon(self._listen_forever, name="keepconn cluster notices")
             tasks.start_soon(self._reconcile_forever, name="keepconn cluster reconcile")
             tasks.start_soon(self._expire_forever, name="keepconn cluster ownership")
             tasks.start_soon(self._release_forever, name="keepconn cluster release")
+            if self.config.collect_interval is not None:
+                tasks.start_soon(
+                    self._collect_forever, self.config.collect_interval, name="keepconn cluster gc"
+                )
             self._running = True
             task_status.started()
-            try:
-                await anyio.sleep_forever()
-            finally:
-                self._running = False
-                with anyio.CancelScope(shield=True):
-                    await self._leave()
+            await anyio.sleep_forever()
 
     async def _leave(self) -> None:
-        # The sessions are closed by now (the server drains first): say so, then drop the
-        # lease, each bounded like every store call.
+        # The sessions are closed by now (the server drains first): release their records,
+        # then drop the lease, each bounded like every store call.
         await self._flush_releases()
         try:
             with anyio.fail_after(self.config.store_timeout):
@@ -286,6 +321,22 @@ class ClusterNode:
                 await self._woken.wait()
             self._woken = anyio.Event()
 
+    async def _collect_forever(self, interval: float) -> None:
+        # Every node asks once per interval and the store lets one of them do a step: the
+        # collector's traffic grows with nodes, its work is one batch per interval.
+        core = self._core()
+        while True:
+            await anyio.sleep(interval)
+            try:
+                deleted = await self._call(self.store.collect)
+            except (TimeoutError, StoreUnavailable) as exc:
+                core.store_failed()
+                logger.info("cluster: collector step failed (%s)", exc)
+                continue
+            core.collected(deleted or 0)
+            if deleted:
+                logger.info("cluster: collected %d owner records of nodes gone", deleted)
+
     async def _release_forever(self) -> None:
         while True:
             await self._release_wanted.wait()
@@ -295,14 +346,23 @@ class ClusterNode:
     async def _flush_releases(self) -> None:
         core = self._core()
         while self._releases:
-            key, epoch = self._releases.pop()
+            batch = self._releases[-_CHECK_BATCH:]
+            del self._releases[-_CHECK_BATCH:]
             try:
-                await self._call(self.store.release, key, epoch)
+                # Shielded (and bounded by store_timeout): a batch taken off the queue is
+                # sent, even when the node is being stopped meanwhile (the shutdown's closes
+                # are released by this task, then by the leave).
+                with anyio.CancelScope(shield=True):
+                    await self._call(self.store.release, batch)
                 core.store_ok()
             except (TimeoutError, StoreUnavailable):
-                # Not retried: a record left behind points at this node, and the next claim
-                # of the identity overwrites it (epochs still increase).
+                # The batch is not retried: a record left behind points at this node, and
+                # the next claim of the identity overwrites it (epochs still increase), or
+                # the collector deletes it once this node's lease is gone. The rest waits
+                # for the next flush: one failure costs one store_timeout, not one per batch
+                # (a shutdown with the store gone stays bounded).
                 core.store_failed()
+                return
 
     def _release(self, key: str, epoch: int | None) -> None:
         if epoch is not None:

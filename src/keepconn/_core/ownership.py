@@ -33,6 +33,8 @@ module decides, with an explicit ``now`` everywhere. The rules, and why:
 * **The store came back empty** (its lease was gone at a renewal): every live session is
   reasserted with its epoch: set when the record is missing, lost (TAKEN_OVER) when another
   node has claimed it since.
+* **Dead nodes' records** (no lease) are deleted by the store's collector script, one batch
+  per ``collect_interval`` cluster-wide.
 """
 
 from __future__ import annotations
@@ -88,6 +90,11 @@ class ClusterConfig:
         store (besides the one after each (re)subscription); None: only after subscribing.
     :param key_prefix: prefix of every key and channel (several clusters may share a store).
     :param retry_after: the retry hint (seconds) given to hellos refused while the store is down.
+    :param collect_interval: seconds between two steps of the collector of dead nodes' owner
+        records, cluster-wide (one step per interval, whatever the number of nodes); None:
+        never (a dead node's record then stays until its identity is claimed again).
+    :param collect_batch: keys one collector step scans (``SCAN ... COUNT``): a full pass over
+        N keys takes about ``N / collect_batch`` intervals.
     """
 
     node_id: str = attrs.field(validator=_node_id)
@@ -99,6 +106,12 @@ class ClusterConfig:
     )
     key_prefix: str = attrs.field(default="keepconn", validator=_key_prefix)
     retry_after: float = attrs.field(default=2.0, validator=number(min_inclusive=True))
+    collect_interval: float | None = attrs.field(
+        default=1.0, validator=number(minimum=0.1, min_inclusive=True, optional=True)
+    )
+    collect_batch: int = attrs.field(
+        default=1000, validator=number(minimum=1, maximum=1e5, min_inclusive=True, integer=True)
+    )
 
     def __attrs_post_init__(self) -> None:
         from .errors import ConfigError
@@ -152,6 +165,8 @@ class ClusterStats:
     #: Hellos refused by the store as flapping, and as a duplicate identity, cluster-wide.
     flapping_refused: int = 0
     duplicates_refused: int = 0
+    #: Owner records of dead nodes (no lease) this node's collector steps deleted.
+    records_collected: int = 0
 
 
 @attrs.frozen
@@ -228,6 +243,7 @@ class Ownership:
         self.round_trips = 0
         self.errors = 0
         self.lease_lost = 0
+        self.records_collected = 0
 
     # -- the store's health and the lease
 
@@ -240,6 +256,11 @@ class Ownership:
         """A store call failed or timed out: hellos are refused until one succeeds."""
         self.errors += 1
         self.healthy = False
+
+    def collected(self, records: int) -> None:
+        """A collector step succeeded and deleted ``records`` owner records of dead nodes."""
+        self.store_ok()
+        self.records_collected += records
 
     def renewed(self, sent_at: float, existed: bool) -> list[tuple[str, int, Hashable]]:
         """A lease renewal sent at ``sent_at`` succeeded; ``existed`` says whether the store
@@ -472,4 +493,5 @@ class Ownership:
             store_errors=self.errors,
             lease_lost=self.lease_lost,
             lease_left=self.valid_until - now,
+            records_collected=self.records_collected,
         )

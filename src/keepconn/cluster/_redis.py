@@ -61,6 +61,11 @@ def _store_failure(exc: BaseException) -> bool:
     return all(isinstance(error, _FAILURES) for error in errors)
 
 
+def _glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis MATCH pattern (a prefix may hold ``*``, ``?``, ``[``)."""
+    return "".join("\\" + ch if ch in "*?[]\\" else ch for ch in text)
+
+
 def node_id_default() -> str:
     """A node id for this process: ``HOST-PID`` (unique on a host, readable in logs)."""
     return f"{socket.gethostname()}-{os.getpid()}"
@@ -138,6 +143,7 @@ class RedisCluster:
             ("renew", _scripts.RENEW),
             ("release", _scripts.RELEASE),
             ("reassert", _scripts.REASSERT),
+            ("collect", _scripts.COLLECT),
         ):
             self._scripts[name] = client.register_script(source)
         try:
@@ -232,9 +238,10 @@ class RedisCluster:
             recent=int(recent),
         )
 
-    async def release(self, key: str, epoch: int) -> None:
-        """Delete ``key``'s record if it is still this node's claim with ``epoch``."""
-        await self._script("release", [f"{self._prefix}:owner:{key}"], [str(epoch), self.node_id])
+    async def release(self, held: Sequence[tuple[str, int]]) -> None:
+        """Delete each ``(key, epoch)`` record that is still this node's claim with that
+        epoch (a newer owner's record is left alone), in one pipelined round trip."""
+        await self._pipelined("release", held, [self.node_id])
 
     async def owners(self, keys: Sequence[str]) -> list[str | None]:
         """The node holding each key (None: no record), in one pipelined round trip."""
@@ -255,20 +262,46 @@ class RedisCluster:
 
     async def reassert(self, held: Sequence[tuple[str, int]]) -> list[bool]:
         """Recreate missing records; False where another node holds the key now."""
+        values = await self._pipelined("reassert", held, [self.node_id, ""])
+        return [bool(int(value)) for value in values]
+
+    async def _pipelined(
+        self, name: str, held: Sequence[tuple[str, int]], args: list[str | int]
+    ) -> list[Any]:
+        """Run script ``name`` once per ``(key, epoch)`` owner record, in one round trip."""
         client = self._ready()
-        script = self._scripts["reassert"]
+        script = self._scripts[name]
         try:
             async with client.pipeline(transaction=False) as pipe:
                 results = [
-                    script([f"{self._prefix}:owner:{key}"], [str(epoch), self.node_id, ""], pipe)
+                    script([f"{self._prefix}:owner:{key}"], [str(epoch), *args], pipe)
                     for key, epoch in held
                 ]
-            values = [await result for result in results]
+            return [await result for result in results]
         except Exception as exc:
             if not _store_failure(exc):
                 raise
-            raise StoreUnavailable(f"reassert: {type(exc).__name__}: {exc}") from exc
-        return [bool(int(value)) for value in values]
+            raise StoreUnavailable(f"{name}: {type(exc).__name__}: {exc}") from exc
+
+    async def collect(self) -> int | None:
+        """One step of the collector of dead nodes' owner records: the number deleted, or
+        None when another node ran a step within ``collect_interval`` (or it is off)."""
+        config = self._config
+        if config.collect_interval is None:
+            return None
+        prefix = self._prefix
+        deleted, _complete = await self._script(
+            "collect",
+            [f"{prefix}:collect:lock", f"{prefix}:collect:cursor"],
+            [
+                self.node_id,
+                max(1, int(config.collect_interval * 1000)),
+                config.collect_batch,
+                _glob_escape(f"{prefix}:owner:") + "*",
+                prefix,
+            ],
+        )
+        return None if int(deleted) < 0 else int(deleted)
 
     async def leave(self) -> None:
         """Give up the lease (clean shutdown): claims now know this node is gone."""

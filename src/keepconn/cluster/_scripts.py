@@ -8,6 +8,8 @@ Keys (``P`` is ``ClusterConfig.key_prefix``)::
     P:dup:IDENTITY     present while the identity is held as duplicated (PX the hold)
     P:node:NODE        the node's lease (PX node_ttl)
     P:evict:NODE       the node's pub/sub channel of eviction notices "IDENTITY\\tEPOCH\\tBY"
+    P:collect:lock     the node that ran the last collector step (PX collect_interval)
+    P:collect:cursor   where the collector's SCAN of owner records goes on
 
 Epochs are ``max(previous + 1, store time in microseconds)``: strictly increasing per identity
 while its record exists, and still increasing after the record (or the whole store) is lost,
@@ -20,7 +22,7 @@ Cluster would reject that: one Redis, or a primary with Sentinel, is what this s
 
 from __future__ import annotations
 
-__all__ = ["CLAIM", "RELEASE", "RENEW", "REASSERT"]
+__all__ = ["CLAIM", "COLLECT", "RELEASE", "RENEW", "REASSERT"]
 
 #: KEYS: owner, hits, dup, moves. ARGV: node, host, prefix, hits window (ms), identity,
 #: deadline (store time, us), most claims per window (0: no limit), most host-changing claims
@@ -105,4 +107,36 @@ end
 local e, n = string.match(cur, '^(%d+)\t([^\t]*)\t')
 if n == ARGV[2] then return 1 end
 return 0
+"""
+
+#: KEYS: lock, cursor. ARGV: node, interval (ms), batch (SCAN COUNT), MATCH pattern of owner
+#: records, prefix. One step of the collector of dead nodes' owner records: a node whose lease
+#: is gone serves nothing (it closed its sessions before the lease could expire, or it is
+#: dead), so its records only keep identities that may never come back. Returns {deleted,
+#: 1 if the pass over the keyspace is complete}, or {-1, 0} when another node ran a step
+#: within the interval (the nodes take turns: one batch per interval cluster-wide). Atomic:
+#: a record is deleted as it was read, so a claim in between cannot be lost -- and a node that
+#: finds its lease gone reasserts its records, as after a store that lost its data.
+COLLECT = r"""
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return {-1, 0} end
+local cursor = redis.call('GET', KEYS[2]) or '0'
+local found = redis.call('SCAN', cursor, 'MATCH', ARGV[4], 'COUNT', ARGV[3])
+redis.call('SET', KEYS[2], found[1])
+local alive = {}
+local deleted = 0
+for _, key in ipairs(found[2]) do
+  local cur = redis.pcall('GET', key)
+  local node = type(cur) == 'string' and string.match(cur, '^%d+\t([^\t]+)\t') or nil
+  if node then
+    if alive[node] == nil then
+      alive[node] = redis.call('EXISTS', ARGV[5] .. ':node:' .. node) == 1
+    end
+    if not alive[node] then
+      redis.call('DEL', key)
+      deleted = deleted + 1
+    end
+  end
+end
+if found[1] == '0' then return {deleted, 1} end
+return {deleted, 0}
 """

@@ -406,6 +406,11 @@ def _cluster_families(
             "Hellos refused as a duplicate identity across the cluster.",
             "duplicates_refused",
         ),
+        (
+            "cluster_records_collected",
+            "Owner records of dead nodes deleted by this node's collector steps.",
+            "records_collected",
+        ),
     ):
         yield counter(name, doc, None if c is None else getattr(c, key))
 

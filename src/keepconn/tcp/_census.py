@@ -71,6 +71,10 @@ class Census:
     sockets: tuple[CensusRow, ...]
     #: The port asked for (None: every socket).
     port: int | None = None
+    #: Rows the kernel listed more than once, dropped from ``sockets``: /proc/net/tcp is read
+    #: in chunks, and a table that changes between two chunks can repeat sockets (or skip
+    #: some, which no reader can see).
+    duplicates: int = 0
 
     def count(self, state: str) -> int:
         """How many sockets are in ``state`` (0 when none)."""
@@ -118,8 +122,32 @@ def census(port: int | None = None, *, pid: int | None = None, proc: str = "/pro
         rows.extend(parse_proc_net_tcp(text.splitlines()[1:], family, port))
     if not found:
         raise FileNotFoundError(f"{base}/tcp: no TCP census on this system")
-    counts = Counter(row.state for row in rows)
-    return Census(counts=dict(counts), sockets=tuple(rows), port=port)
+    unique = _unique(rows)
+    counts = Counter(row.state for row in unique)
+    return Census(
+        counts=dict(counts), sockets=tuple(unique), port=port, duplicates=len(rows) - len(unique)
+    )
+
+
+def _unique(rows: list[CensusRow]) -> list[CensusRow]:
+    """``rows`` without the repeats of a read that raced with the table: one socket (its inode,
+    or for sockets no process owns its addresses and state) is listed once."""
+    seen: set[tuple[object, ...]] = set()
+    out = []
+    for row in rows:
+        key = (
+            row.family,
+            row.local_address,
+            row.local_port,
+            row.remote_address,
+            row.remote_port,
+            row.state,
+            row.inode,
+        )
+        if key not in seen:
+            seen.add(key)
+            out.append(row)
+    return out
 
 
 def parse_proc_net_tcp(
