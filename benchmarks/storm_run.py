@@ -437,6 +437,19 @@ def summarise(
         "final_status": _brief_status(final_status),
         "notes": notes,
         "timeline": timeline,
+        # What stalled the gateway's loop (storm_wrap.py), from its ramp to its exit: its
+        # cyclic-GC collections of 5 ms or more [t, seconds, generation] and its status
+        # snapshots [t, seconds], t relative to the cut.
+        "server_pauses": _pauses(trace, cut),
+    }
+
+
+def _pauses(trace: dict[str, Any] | None, cut: float) -> dict[str, list[list[float]]] | None:
+    if trace is None or "collections" not in trace:
+        return None
+    return {
+        "collections": [[round(t - cut, 3), d, g] for t, d, g in trace["collections"]],
+        "snapshots": [[round(t - cut, 3), d] for t, d in trace["snapshots"]],
     }
 
 

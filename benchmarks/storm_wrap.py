@@ -9,7 +9,9 @@ detail, stamped with time.monotonic() (system-wide on Linux, like the devices' s
 kept in memory as tuples (about a microsecond per event, on the gateway's loop, where the
 gateway's own info log line per close would cost a formatted write) and written to PATH as
 JSON when the gateway exits. With it come the admission controller's final counters and the
-retry hints the gateway's ``refuse`` callback was given (MQTT 3.1.1 cannot send them on).
+retry hints the gateway's ``refuse`` callback was given (MQTT 3.1.1 cannot send them on), and
+what may stall the gateway's loop: every cyclic-GC collection of PAUSE_MIN or more (start,
+seconds, generation) and every status snapshot (start, seconds), to set beside the probe's lag.
 
 Nothing of this lives in the gateway: it is the benchmark's instrument, like runtime_wrap.py.
 """
@@ -17,6 +19,7 @@ Nothing of this lives in the gateway: it is the benchmark's instrument, like run
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -35,6 +38,19 @@ _events: list[tuple[Any, ...]] = []
 _hints: list[float] = []
 _gateways: list[sessions.Gateway] = []
 _admission: list[dict[str, Any]] = []
+#: Collections shorter than this are not listed (they cannot explain a stall worth a look).
+PAUSE_MIN = 0.005
+_collections: list[tuple[float, float, int]] = []
+_snapshots: list[tuple[float, float]] = []
+_gc_started = [0.0]
+
+
+def _gc_timer(phase: str, info: dict[str, Any]) -> None:
+    now = time.monotonic()
+    if phase == "start":
+        _gc_started[0] = now
+    elif now - _gc_started[0] >= PAUSE_MIN:
+        _collections.append((_gc_started[0], now - _gc_started[0], info["generation"]))
 
 
 def _peer(peer: Any) -> str:
@@ -66,6 +82,13 @@ class TracedGateway(sessions.Gateway):
         self.server.add_listener(_record)
         _gateways.append(self)
 
+    async def snapshot(self) -> dict[str, Any]:
+        started = time.monotonic()
+        try:
+            return await super().snapshot()
+        finally:
+            _snapshots.append((started, time.monotonic() - started))
+
     async def refuse(self, stream: anyio.abc.ByteStream, retry_after: float) -> None:
         _hints.append(retry_after)
         await super().refuse(stream, retry_after)
@@ -94,6 +117,8 @@ def _write(path: str) -> None:
             "median": hints[len(hints) // 2] if hints else None,
             "max": hints[-1] if hints else None,
         },
+        "collections": [[round(t, 4), round(d, 4), g] for t, d, g in _collections],
+        "snapshots": [[round(t, 4), round(d, 4)] for t, d in _snapshots],
     }
     with open(path, "w") as f:
         json.dump(report, f, separators=(",", ":"))
@@ -124,6 +149,7 @@ def _admission_kept(
 def main() -> int:
     path = os.environ.get(TRACE_ENV)
     gateway.Gateway = TracedGateway  # type: ignore[misc]
+    gc.callbacks.append(_gc_timer)
     gateway.run = _admission_kept(gateway.run)  # type: ignore[assignment]
     try:
         return gateway.main(sys.argv[1:])
