@@ -4,6 +4,7 @@ connection does above that is the whole server suite's business, which runs on i
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
 
@@ -13,6 +14,7 @@ import sniffio
 
 from keepconn import CloseReason, Connection, ServerConfig, ServerEvent
 from keepconn._asyncio.connection import NativeConnection
+from keepconn._asyncio.listener import ACCEPT_BATCH
 from keepconn.tcp._socket import unread_bytes
 from tests.lineapp import Client, closes, serving, wait_for
 from tests.timing import slack
@@ -127,3 +129,42 @@ async def test_an_idle_native_connection_costs_few_tracked_objects() -> None:
     per_connection = (counts[1] - counts[0]) / (sizes[1] - sizes[0])
     # About 22 on CPython 3.11, 20 on uvloop (the anyio transport: about 62).
     assert per_connection < 30, per_connection
+
+
+@pytest.mark.parametrize(
+    "anyio_backend",
+    [
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ],
+)
+async def test_a_full_listen_queue_is_taken_a_batch_per_loop_turn() -> None:
+    # In a reconnect storm the listen queue is full, and an accept that finds a connection
+    # waiting does not suspend: the accept loop took the whole backlog in one turn of the event
+    # loop, and every live session's ping waited behind thousands of hellos (the storm
+    # benchmark's loop lag: 5 s). Here the loop is held while 300 connections queue in the
+    # kernel, and a task that runs once per loop turn samples the accept count.
+    queued = 300
+    clients: list[socket.socket] = []
+    async with serving(ServerConfig(**BASE)) as (server, port):
+        samples: list[int] = []
+
+        async def every_turn() -> None:
+            while True:
+                samples.append(server.stats().accepted)
+                await asyncio.sleep(0)
+
+        try:
+            # Blocking connects: the kernel completes them into the queue while the loop waits.
+            for _ in range(queued):
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+            sampler = asyncio.get_running_loop().create_task(every_turn())
+            await wait_for(lambda: server.stats().accepted >= queued, timeout=slack(10))
+            sampler.cancel()
+        finally:
+            for sock in clients:
+                sock.close()
+    steps = [b - a for a, b in zip(samples, samples[1:], strict=False)]
+    # At most a batch per turn (plus the one a waiting accept may bring back first).
+    assert max(steps) <= ACCEPT_BATCH + 1, max(steps)
+    assert sum(steps) >= queued - samples[0]
