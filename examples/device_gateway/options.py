@@ -103,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-load-shedding", action="store_true", help="no refusals for loop lag or queue delay"
     )
     p.add_argument("--no-admission", action="store_true", help="admit every connection")
+    p.add_argument(
+        "--no-gc-pacing",
+        action="store_true",
+        help="let full garbage collections run in reconnect storms too",
+    )
     p.add_argument("--flap-max-hellos", type=pos_i, default=15, help="CONNECTs per window")
     p.add_argument("--flap-window", type=pos_f, default=60.0, help="flapping window, s")
     p.add_argument("--flap-ban", type=pos_f, default=300.0, help="flapping ban, s")

@@ -40,6 +40,9 @@ from ._core.flapping import VerdictKind as VerdictKind
 from ._core.framing import Framer as Framer
 from ._core.framing import LengthPrefixedFramer as LengthPrefixedFramer
 from ._core.framing import LineFramer as LineFramer
+from ._core.gcpacing import CollectionPacer as CollectionPacer
+from ._core.gcpacing import GcPacing as GcPacing
+from ._core.gcpacing import GcPacingStats as GcPacingStats
 from ._core.heartbeat import ActiveHeartbeat as ActiveHeartbeat
 from ._core.heartbeat import PingAction as PingAction
 from ._core.heartbeat import Pinger as Pinger
@@ -73,6 +76,9 @@ __all__ = [
     "FlappingConfig",
     "FlappingDetector",
     "FlappingStats",
+    "GcPacing",
+    "GcPacingStats",
+    "CollectionPacer",
     "Framer",
     "Hello",
     "HelloRejected",

@@ -1,6 +1,6 @@
 """Background tasks that watch a server from the side: the loop-lag probe admission sheds load
-on (the server runs it while ``max_loop_lag`` is set), and the opt-in ones ``keepconn.metrics``
-runs.
+on (the server runs it while ``max_loop_lag`` is set), the pacing of full garbage collections
+(while ``gc_pacing`` is set), and the opt-in ones ``keepconn.metrics`` runs.
 
 Each is one cheap loop on the event loop: they add nothing to a connection's path, and they
 exist only when started.
@@ -8,6 +8,7 @@ exist only when started.
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
@@ -15,9 +16,10 @@ from typing import NoReturn
 import anyio
 
 from .._core.events import SocketAudit
+from .._core.gcpacing import CollectionPacer
 from .._core.lag import LagGauge
 
-__all__ = ["audit_forever", "feed_lag_forever", "sample_lag_forever"]
+__all__ = ["audit_forever", "feed_lag_forever", "pace_collections_forever", "sample_lag_forever"]
 
 logger = logging.getLogger("keepconn.server")
 
@@ -41,6 +43,31 @@ async def feed_lag_forever(gauge: LagGauge) -> NoReturn:
     while True:
         await anyio.sleep_until(gauge.next_deadline())
         gauge.tick(anyio.current_time())
+
+
+#: CPython's generation-2 threshold while full collections are held: never reached. (It counts
+#: generation-1 collections since the last full one; young collections go on as before.)
+_HELD = 1 << 30
+
+
+async def pace_collections_forever(pacer: CollectionPacer, accepted: Callable[[], int]) -> NoReturn:
+    """Tick ``pacer`` with the server's accept count (``accepted()``) and hold or release the
+    collector's full collections as it says. When this ends, CPython's own threshold is back."""
+    normal = gc.get_threshold()[2]
+    held = False
+    try:
+        while True:
+            await anyio.sleep(pacer.config.interval)
+            full = gc.get_stats()[2]["collections"]
+            hold = pacer.tick(anyio.current_time(), accepted(), full)
+            if hold != held:
+                held = hold
+                young = gc.get_threshold()[:2]  # the application's own settings stand
+                gc.set_threshold(*young, _HELD if hold else normal)
+    finally:
+        pacer.stop(anyio.current_time())
+        if held:
+            gc.set_threshold(*gc.get_threshold()[:2], normal)
 
 
 async def audit_forever(

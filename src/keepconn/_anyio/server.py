@@ -34,6 +34,7 @@ from .._core.errors import ConfigError
 from .._core.events import ServerEvent, ServerStats, SessionReaped, SocketAudit
 from .._core.flapping import AddressFlappingDetector, FlappingDetector
 from .._core.framing import Framer
+from .._core.gcpacing import CollectionPacer
 from .._core.opening import Gatekeeper
 from .._core.reasons import CloseReason
 from .._core.registry import Session, SessionRegistry
@@ -41,7 +42,7 @@ from .accept import accept_forever, connection_tasks
 from .cluster import ClusterNode, ClusterStore
 from .connection import Connection
 from .life import Refuse
-from .probes import feed_lag_forever
+from .probes import feed_lag_forever, pace_collections_forever
 from .reaper import reap_forever
 from .shutdown import drain
 from .tls import check_server_context
@@ -147,6 +148,8 @@ class Server(Generic[F]):
             cluster=self._cluster,
         )
         self._accepted = 0
+        pacing = config.gc_pacing
+        self._gc_pacer = None if pacing is None else CollectionPacer(pacing)
         self._accept_errors = 0
         self._listeners: list[anyio.abc.SocketListener] = []
         self._serving = False
@@ -230,6 +233,8 @@ class Server(Generic[F]):
                 gauge = None if self.admission is None else self.admission.lag_gauge
                 if gauge is not None:
                     tasks.start_soon(feed_lag_forever, gauge, name="keepconn lag probe")
+                if self._gc_pacer is not None:
+                    tasks.start_soon(pace_collections_forever, self._gc_pacer, self._accepts)
                 if self._cluster is not None:
                     await tasks.start(self._cluster.run, name="keepconn cluster")
                 for listener in self._listeners:
@@ -439,7 +444,11 @@ class Server(Generic[F]):
             admission=None if self.admission is None else self.admission.stats(now),
             flapping=None if self.flapping is None else self.flapping.stats(now),
             cluster=None if self._cluster is None else self._cluster.stats(),
+            gc_pacing=None if self._gc_pacer is None else self._gc_pacer.stats(now),
         )
+
+    def _accepts(self) -> int:
+        return self._accepted
 
 
 def _own_rows(addresses: tuple[tuple[str, int], ...]) -> tuple[CensusRow, ...]:

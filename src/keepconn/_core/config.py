@@ -14,6 +14,7 @@ import attrs
 from .admission import AdmissionConfig
 from .errors import ConfigError
 from .flapping import AddressFlappingConfig, FlappingConfig
+from .gcpacing import GcPacing
 from .heartbeat import ActiveHeartbeat, PingRateLimit
 from .validate import number
 
@@ -90,6 +91,9 @@ class ServerConfig:
     #: Per-source-address detection of connections that never complete a hello (off by
     #: default: carrier-grade NAT puts thousands of devices behind one address).
     address_flapping: AddressFlappingConfig | None = None
+    #: Hold the cyclic garbage collector's full collections while the server accepts a storm
+    #: (None: leave the collector alone). Process-wide: see GcPacing.
+    gc_pacing: GcPacing | None = None
     #: Bytes asked of the socket per receive.
     receive_size: int = attrs.field(default=65536, validator=number(integer=True))
     #: How connections are carried: "auto" serves plain TCP on asyncio and uvloop with the

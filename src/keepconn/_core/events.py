@@ -9,6 +9,7 @@ import attrs
 
 from .admission import AdmissionStats
 from .flapping import FlappingStats
+from .gcpacing import GcPacingStats
 from .ownership import ClusterStats
 from .reasons import CloseReason
 from .registry import RegistryStats
@@ -150,3 +151,5 @@ class ServerStats:
     flapping: FlappingStats | None = None
     #: The node's cluster state (None without a cluster).
     cluster: ClusterStats | None = None
+    #: What the pacing of full garbage collections did (None when it is off).
+    gc_pacing: GcPacingStats | None = None

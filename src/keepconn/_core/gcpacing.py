@@ -1,0 +1,134 @@
+"""When the cyclic garbage collector may run a full collection: not in the middle of a storm.
+
+Why. A full (generation 2) collection walks every tracked object of the process and stops the
+event loop meanwhile: a server holding 15,000 connections spends a few hundred milliseconds in
+one, longer on a machine that the storm's own clients keep busy. CPython starts one whenever the
+objects that survived younger collections since the last one exceed a quarter of the long-lived
+ones, and a reconnect storm is exactly that: thousands of new connections that survive, while
+thousands of old ones die. Measured in the storm benchmark (15,000 devices back in 6 s): five
+full collections of 340-440 ms, the whole loop-lag tail.
+
+What. While the server accepts connections faster than :attr:`GcPacing.busy_rate`, full
+collections are held (the adapter raises CPython's generation-2 threshold; young collections
+go on as before). Once the rate has stayed below it for :attr:`GcPacing.calm` seconds, they
+are released, and CPython's own rule decides as ever, the survivors of the storm counted in:
+the collection that was due comes when the storm is over. (Not at the first quiet tick: a
+storm paced by admission and client backoff has lulls of a fraction of a second, and a
+release in one brings the whole pending collection into the storm.) A hold lasts at most :attr:`GcPacing.max_hold` seconds; after a
+forced release no new hold starts until a full collection has run, so memory held by garbage
+cycles stays bounded however long a storm lasts.
+
+Sans-I/O: the adapter ticks the pacer with the time, the server's accept count and the
+collector's count of full collections, and applies what :meth:`CollectionPacer.tick` says.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+from .validate import number
+
+__all__ = ["CollectionPacer", "GcPacing", "GcPacingStats"]
+
+
+@attrs.frozen
+class GcPacing:
+    """Hold the cyclic collector's full collections while the server is in a storm.
+
+    The garbage collector is the process's, not the server's: enable this on one server per
+    process (``ServerConfig(gc_pacing=GcPacing())``). Off by default, as a library should leave
+    process-wide settings alone unless asked.
+    """
+
+    #: Seconds between two looks at the accept rate (the reaction time to a storm).
+    interval: float = attrs.field(default=0.25, validator=number())
+    #: Accepted connections per second above which the server is in a storm.
+    busy_rate: float = attrs.field(default=100.0, validator=number())
+    #: Seconds the rate must stay below ``busy_rate`` before a hold ends.
+    calm: float = attrs.field(default=2.0, validator=number(min_inclusive=True))
+    #: Longest hold in seconds. Then full collections are released until one has run.
+    max_hold: float = attrs.field(default=30.0, validator=number())
+
+
+@attrs.frozen
+class GcPacingStats:
+    """What the pacer did (``ServerStats.gc_pacing``)."""
+
+    #: Whether full collections are held now.
+    holding: bool
+    #: Holds begun since start.
+    holds: int
+    #: Holds that ran out (``max_hold``) while the storm went on.
+    forced: int
+    #: Seconds held in all, the current hold included.
+    held_seconds: float
+
+
+@attrs.define(slots=True)
+class CollectionPacer:
+    """Decides, tick by tick, whether full collections are held (see the module's text)."""
+
+    config: GcPacing
+    # Accepts counted at the previous tick, and when that was (None before the first tick).
+    _accepted: int = attrs.field(default=0, init=False, repr=False)
+    _at: float | None = attrs.field(default=None, init=False, repr=False)
+    # When the current hold began (inf: not holding).
+    _since: float = attrs.field(default=math.inf, init=False, repr=False)
+    # Since when the rate has been below busy_rate during the hold (inf: it is not).
+    _quiet: float = attrs.field(default=math.inf, init=False, repr=False)
+    # After a forced release: the full-collection count that must be passed before a new hold.
+    _owed: int | None = attrs.field(default=None, init=False, repr=False)
+    #: Holds begun so far.
+    holds: int = attrs.field(default=0, init=False)
+    #: Holds that ran out (max_hold) while the storm went on.
+    forced: int = attrs.field(default=0, init=False)
+    #: Seconds held in all, counted when each hold ends.
+    held_seconds: float = attrs.field(default=0.0, init=False)
+
+    @property
+    def holding(self) -> bool:
+        """Whether full collections are held now."""
+        return self._since != math.inf
+
+    def tick(self, now: float, accepted: int, full_collections: int) -> bool:
+        """The adapter's look at ``now``: ``accepted`` is the server's accept count so far,
+        ``full_collections`` the collector's count of full collections so far. Returns whether
+        full collections are to be held from now on."""
+        at, self._at = self._at, now
+        before, self._accepted = self._accepted, accepted
+        if at is None or now <= at:
+            return self.holding  # the first look, or no time passed: no rate to judge
+        busy = (accepted - before) / (now - at) > self.config.busy_rate
+        if self._owed is not None and full_collections > self._owed:
+            self._owed = None  # the collection a forced release owed has run
+        if self.holding:
+            if busy:
+                self._quiet = math.inf
+            elif self._quiet == math.inf:
+                self._quiet = at  # quiet since the previous look
+            if now - self._quiet >= self.config.calm:
+                self._end(now)
+            elif now - self._since >= self.config.max_hold:
+                self._end(now)
+                self.forced += 1
+                self._owed = full_collections
+        elif busy and self._owed is None:
+            self._since = now
+            self.holds += 1
+        return self.holding
+
+    def stats(self, now: float) -> GcPacingStats:
+        """A snapshot of the counters at ``now``."""
+        current = now - self._since if self.holding else 0.0
+        return GcPacingStats(self.holding, self.holds, self.forced, self.held_seconds + current)
+
+    def stop(self, now: float) -> None:
+        """The adapter stops (the server is going away): any hold ends."""
+        if self.holding:
+            self._end(now)
+
+    def _end(self, now: float) -> None:
+        self.held_seconds += now - self._since
+        self._since = self._quiet = math.inf

@@ -1,0 +1,135 @@
+"""The pacing of full garbage collections on a real server: a burst of real connections holds
+CPython's full collections (which a growth of long-lived objects would otherwise set off), the
+burst's end releases them, and the server leaves the collector as it found it."""
+
+from __future__ import annotations
+
+import gc
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+from keepconn import GcPacing, ServerConfig
+from tests.lineapp import serving, wait_for
+from tests.timing import slack
+
+pytestmark = pytest.mark.anyio
+
+PACING = GcPacing(interval=0.05, busy_rate=20.0, calm=0.3, max_hold=60.0)
+
+
+@contextmanager
+def full_collections() -> Iterator[list[float]]:
+    """Every generation-2 collection started while the block runs (one entry each)."""
+    started: list[float] = []
+
+    def seen(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start" and info["generation"] == 2:
+            started.append(1.0)
+
+    gc.callbacks.append(seen)
+    try:
+        yield started
+    finally:
+        gc.callbacks.remove(seen)
+
+
+async def grow_long_lived(count: int) -> list[list[int]]:
+    """Make ``count`` tracked objects that survive: what a storm's new connections are to the
+    collector. Made in chunks with a checkpoint between them, so the pacer keeps ticking."""
+    kept: list[list[int]] = []
+    while len(kept) < count:
+        kept.extend([] for _ in range(20_000))
+        await anyio.sleep(0)
+    return kept
+
+
+def connect_steadily(port: int, count: int, per_second: float, done: threading.Event) -> None:
+    # Plain connects from a thread: accepted by the server, a burst to its pacer. The sockets
+    # stay open until the test ends (they are in their hello: no session needed).
+    held = []
+    try:
+        for _ in range(count):
+            try:
+                held.append(socket.create_connection(("127.0.0.1", port)))
+            except OSError:
+                break  # the server is gone (the test ended it mid-burst)
+            done.wait(1 / per_second)
+        done.wait()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+async def test_a_burst_holds_full_collections_and_its_end_releases_them() -> None:
+    normal = gc.get_threshold()
+    survivors = max(200_000, len(gc.get_objects()) // 2)
+    async with serving(ServerConfig(admission=None, flapping=None, gc_pacing=PACING)) as (
+        server,
+        port,
+    ):
+        stop = threading.Event()
+        # 400 connections at 200 a second: a 2 s burst, ten times the busy rate.
+        clients = threading.Thread(target=connect_steadily, args=(port, 400, 200.0, stop))
+        clients.start()
+
+        def holding() -> bool:
+            stats = server.stats().gc_pacing
+            return stats is not None and stats.holding
+
+        with full_collections() as seen:
+            try:
+                await wait_for(holding, timeout=slack(5))
+                assert gc.get_threshold()[:2] == normal[:2]
+                assert gc.get_threshold()[2] > 1_000_000
+                before = len(seen)
+                kept = await grow_long_lived(survivors)
+                during = len(seen) - before
+                assert holding(), "the burst went on: the hold must still be on"
+            finally:
+                stop.set()
+                clients.join()
+            assert during == 0, "a full collection ran in the middle of the burst"
+            await wait_for(lambda: not holding(), timeout=slack(5))
+            assert gc.get_threshold() == normal
+            # Released, CPython's own rule sees what piled up meanwhile: the collection that
+            # was due comes now (the young collections of a little more work set it off).
+            await grow_long_lived(100_000)
+            assert len(seen) > before, "no full collection once released: it proves nothing"
+        stats = server.stats().gc_pacing
+        assert stats is not None and stats.holds >= 1 and stats.held_seconds > 0
+        del kept
+
+
+async def test_the_server_leaves_the_collector_as_it_found_it_even_mid_hold() -> None:
+    normal = gc.get_threshold()
+    stop = threading.Event()
+    clients: threading.Thread | None = None
+    async with serving(ServerConfig(admission=None, flapping=None, gc_pacing=PACING)) as (
+        server,
+        port,
+    ):
+        clients = threading.Thread(target=connect_steadily, args=(port, 400, 200.0, stop))
+        clients.start()
+        held: Callable[[], bool] = lambda: gc.get_threshold()[2] > 1_000_000  # noqa: E731
+        await wait_for(held, timeout=slack(5))
+    # The server stopped while its pacer held full collections.
+    stop.set()
+    clients.join()
+    assert gc.get_threshold() == normal
+
+
+async def test_without_pacing_the_collector_is_left_alone() -> None:
+    normal = gc.get_threshold()
+    async with serving(ServerConfig(admission=None, flapping=None)) as (server, port):
+        socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(50)]
+        await wait_for(lambda: server.stats().accepted >= 50, timeout=slack(5))
+        assert gc.get_threshold() == normal
+        assert server.stats().gc_pacing is None
+        for sock in socks:
+            sock.close()
