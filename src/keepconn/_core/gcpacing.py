@@ -14,9 +14,9 @@ go on as before). Once the rate has stayed below it for :attr:`GcPacing.calm` se
 are released, and CPython's own rule decides as ever, the survivors of the storm counted in:
 the collection that was due comes when the storm is over. (Not at the first quiet tick: a
 storm paced by admission and client backoff has lulls of a fraction of a second, and a
-release in one brings the whole pending collection into the storm.) A hold lasts at most :attr:`GcPacing.max_hold` seconds; after a
-forced release no new hold starts until a full collection has run, so memory held by garbage
-cycles stays bounded however long a storm lasts.
+release in one brings the whole pending collection into the storm.) A hold lasts at most
+:attr:`GcPacing.max_hold` seconds; after a forced release no new hold starts until a full
+collection has run, so memory held by garbage cycles stays bounded however long a storm lasts.
 
 Sans-I/O: the adapter ticks the pacer with the time, the server's accept count and the
 collector's count of full collections, and applies what :meth:`CollectionPacer.tick` says.
