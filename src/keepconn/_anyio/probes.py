@@ -60,10 +60,15 @@ async def pace_collections_forever(pacer: CollectionPacer, accepted: Callable[[]
             await anyio.sleep(pacer.config.interval)
             full = gc.get_stats()[2]["collections"]
             hold = pacer.tick(anyio.current_time(), accepted(), full)
-            if hold != held:
-                held = hold
-                young = gc.get_threshold()[:2]  # the application's own settings stand
-                gc.set_threshold(*young, _HELD if hold else normal)
+            if hold == held:
+                continue
+            held = hold
+            # Only the generation-2 threshold is ours, and only while held: whatever the
+            # application set before a hold is what the release restores.
+            young_0, young_1, old = gc.get_threshold()
+            if hold:
+                normal = old
+            gc.set_threshold(young_0, young_1, _HELD if hold else normal)
     finally:
         pacer.stop(anyio.current_time())
         if held:

@@ -234,7 +234,12 @@ class Server(Generic[F]):
                 if gauge is not None:
                     tasks.start_soon(feed_lag_forever, gauge, name="keepconn lag probe")
                 if self._gc_pacer is not None:
-                    tasks.start_soon(pace_collections_forever, self._gc_pacer, self._accepts)
+                    tasks.start_soon(
+                        pace_collections_forever,
+                        self._gc_pacer,
+                        self._accepts,
+                        name="keepconn gc pacing",
+                    )
                 if self._cluster is not None:
                     await tasks.start(self._cluster.run, name="keepconn cluster")
                 for listener in self._listeners:
