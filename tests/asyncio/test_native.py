@@ -14,6 +14,7 @@ import sniffio
 
 from keepconn import CloseReason, Connection, ServerConfig, ServerEvent
 from keepconn._asyncio.connection import NativeConnection
+from keepconn._asyncio.gate import HELLOS_PER_TURN
 from keepconn._asyncio.listener import ACCEPT_BATCH
 from keepconn.tcp._socket import unread_bytes
 from tests.lineapp import Client, closes, serving, wait_for
@@ -160,6 +161,8 @@ async def test_a_full_listen_queue_is_taken_a_batch_per_loop_turn() -> None:
                 clients.append(socket.create_connection(("127.0.0.1", port)))
             sampler = asyncio.get_running_loop().create_task(every_turn())
             await wait_for(lambda: server.stats().accepted >= queued, timeout=slack(10))
+            for _ in range(2):  # two more turns: the sampler sees the last batch
+                await asyncio.sleep(0)
             sampler.cancel()
         finally:
             for sock in clients:
@@ -168,3 +171,45 @@ async def test_a_full_listen_queue_is_taken_a_batch_per_loop_turn() -> None:
     # At most a batch per turn (plus the one a waiting accept may bring back first).
     assert max(steps) <= ACCEPT_BATCH + 1, max(steps)
     assert sum(steps) >= queued - samples[0]
+
+
+@pytest.mark.parametrize(
+    "anyio_backend",
+    [
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ],
+)
+async def test_hellos_that_arrive_together_are_served_a_batch_per_loop_turn() -> None:
+    # The storm's last stall: connections accepted while their devices were still busy, whose
+    # hellos then all became readable in one turn, and the next turns served every one of
+    # them with the live sessions waiting. Here 200 connections wait in their hello, the loop
+    # is held while all of them send it, and a task that runs once per turn samples how many
+    # sessions are open.
+    count = 200
+    clients: list[socket.socket] = []
+    async with serving(ServerConfig(**BASE)) as (server, port):
+        samples: list[int] = []
+
+        async def every_turn() -> None:
+            while True:
+                samples.append(len(server.registry))
+                await asyncio.sleep(0)
+
+        try:
+            for _ in range(count):
+                clients.append(socket.create_connection(("127.0.0.1", port)))
+            await wait_for(lambda: server.stats().pending_hellos == count, timeout=slack(10))
+            for i, sock in enumerate(clients):  # the loop is held meanwhile
+                sock.sendall(b"HELLO d%d secret\n" % i)
+            sampler = asyncio.get_running_loop().create_task(every_turn())
+            await wait_for(lambda: len(server.registry) == count, timeout=slack(10))
+            for _ in range(2):  # two more turns: the sampler sees the last batch
+                await asyncio.sleep(0)
+            sampler.cancel()
+        finally:
+            for sock in clients:
+                sock.close()
+    steps = [b - a for a, b in zip(samples, samples[1:], strict=False)]
+    assert max(steps) <= HELLOS_PER_TURN, max(steps)
+    assert samples[-1] - samples[0] >= count - HELLOS_PER_TURN

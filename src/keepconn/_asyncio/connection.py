@@ -28,6 +28,7 @@ from .._core.framing import Framer
 from .._core.reasons import CloseReason
 from .._core.registry import Session
 from ..tcp._socket import abort_on_close
+from .gate import HelloGate
 from .stream import NativeStream
 
 if TYPE_CHECKING:
@@ -56,6 +57,8 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         "_cancelling",
         "_drained",
         "_end_kind",
+        "_gate",
+        "_gated",
         "_gone",
         "_loop",
         "_lost",
@@ -75,6 +78,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         on_event: Callable[[ServerEvent], None],
         order: int,
         loop: asyncio.AbstractEventLoop,
+        gate: HelloGate | None = None,
     ) -> None:
         # Not Connection.__init__: that one wraps an anyio stream. The fields its inherited
         # methods read are set here; the anyio ones (stream, send lock, scope) do not exist.
@@ -115,6 +119,10 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         self._cancelling = False
         self._timer: asyncio.TimerHandle | None = None
         self._adapter: NativeStream | None = None
+        # The gate that rations hellos per loop turn, until this connection's first frames
+        # have passed it (None then); _gated while they wait in it.
+        self._gate = gate
+        self._gated = False
 
     # -- asyncio.Protocol
 
@@ -143,9 +151,14 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             self._pause()
         if frames:
             self._showed_life()
+            gate = self._gate
+            if gate is not None:
+                self._gate = None
+                self._gated = not gate.admit(self)
             queued = self._queued
             waiter = self._waiter
-            if queued is None and waiter is not None and not waiter.done():
+            # (Frames of a connection waiting in the gate are queued: reading pauses below.)
+            if not self._gated and queued is None and waiter is not None and not waiter.done():
                 # The usual case (a ping): the handler waits and nothing is queued before
                 # these, so the first frame goes to it at once, and a queue is made only for
                 # the rest, if any.
@@ -200,12 +213,19 @@ class NativeConnection(Connection[F], asyncio.Protocol):
 
     def _next(self, end: type[Exception]) -> asyncio.Future[F]:
         waiter: asyncio.Future[F] = self._loop.create_future()
-        if not self._settle_waiter(waiter, end):
+        if self._gated or not self._settle_waiter(waiter, end):
             self._waiter = waiter
             self._end_kind = end
         return waiter
 
+    def _gate_opened(self) -> None:
+        """The hello gate lets this connection's first frames on (a later loop turn)."""
+        self._gated = False
+        self._wake()
+
     def _wake(self) -> None:
+        if self._gated:
+            return  # the frames wait for the hello gate; so does what follows them
         waiter = self._waiter
         if waiter is not None and (waiter.done() or self._settle_waiter(waiter, self._end_kind)):
             self._waiter = None

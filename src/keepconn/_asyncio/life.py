@@ -25,6 +25,7 @@ from .._anyio.life import Callback, Lifecycle
 from .._core.config import Hello
 from .._core.reasons import CloseReason
 from .connection import NativeConnection
+from .gate import HelloGate
 
 __all__ = ["NativeLifecycle"]
 
@@ -39,6 +40,8 @@ class NativeLifecycle(Lifecycle[F]):
     #: The context the sessions' done callbacks run in: the server's, as its tasks' are.
     _context: contextvars.Context | None = None
     _on_served: Callable[[NativeConnection[F], asyncio.Future[None]], None] | None = None
+    #: What rations the hellos each loop turn serves (see keepconn._asyncio.gate).
+    _hello_gate: HelloGate | None = None
 
     def start(self, sock: socket.socket, order: int) -> None:
         """Serve an accepted socket on a task of its own."""
@@ -53,8 +56,11 @@ class NativeLifecycle(Lifecycle[F]):
             logger.exception("framer factory failed; closing the new connection")
             sock.close()
             return
+        gate = self._hello_gate
+        if gate is None:
+            gate = self._hello_gate = HelloGate(loop)
         conn: NativeConnection[F] = NativeConnection(
-            framer, on_event=self._emit, order=order, loop=loop
+            framer, on_event=self._emit, order=order, loop=loop, gate=gate
         )
         try:
             await loop.connect_accepted_socket(_factory(conn), sock)
