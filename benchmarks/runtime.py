@@ -1,6 +1,6 @@
 """Runtime benchmark: what one idle connection costs each server runtime, in one run.
 
-Ten servers, one after the other, each in its own fresh process, each holding idle loopback
+Eleven servers, one after the other, each in its own fresh process, each holding idle loopback
 connections that ping every ``--interval`` seconds (10; ``PING``/``PONG`` lines for the line
 servers, PINGREQ/PINGRESP for the MQTT ones):
 
@@ -9,8 +9,9 @@ servers, PINGREQ/PINGRESP for the MQTT ones):
   floor of anything on anyio);
 * ``keepconn-asyncio``, ``keepconn-uvloop``, ``keepconn-trio``: ``keepconn.Server`` with
   ``LineFramer``, ``ServerConfig(admission=None, flapping=None, idle_timeout=60)``, which on
-  asyncio and uvloop is the native transport (keepconn._asyncio); ``keepconn-asyncio-anyio``
-  is the same with ``transport="anyio"``: the anyio streams the native transport replaces
+  asyncio and uvloop is the native transport (keepconn._asyncio), on trio keepconn's own
+  socket stream (keepconn._trio); ``keepconn-asyncio-anyio`` and ``keepconn-trio-anyio`` are
+  the same with ``transport="anyio"``: the anyio streams the native transports replace
   (these three kinds are benchmarks/runtime_lines.py);
 * ``gateway``: the example MQTT gateway from ``device_gateway.gateway:main`` with its default
   options (``--users``, ``--port 0``, ``--data`` given);

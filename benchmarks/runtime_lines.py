@@ -11,7 +11,8 @@ each ``PING`` with ``PONG`` and nothing else. Run by benchmarks/runtime.py::
   ``BufferedByteReceiveStream``: the floor of anything built on anyio;
 * ``keepconn``: ``keepconn.Server`` with ``LineFramer``; identify reads ``HELLO <id>``, the
   handler answers PING; ``ServerConfig(admission=None, flapping=None, idle_timeout=60)``;
-  on asyncio and uvloop the native transport unless ``--transport anyio``.
+  on asyncio and uvloop the native transport, on trio keepconn's own socket stream, unless
+  ``--transport anyio``.
 
 Each prints ``listening on HOST:PORT`` once it accepts connections, runs the loop-lag probe on
 its own loop and the control thread of benchmarks/runtime_probe.py (port from the environment),
@@ -132,7 +133,7 @@ async def handler(conn: Connection[bytes]) -> None:
 
 def keepconn_server(transport: str = "auto") -> Server[bytes]:
     """The keepconn server measured: nothing between accept and session but the hello.
-    ``transport`` "anyio" keeps asyncio on anyio streams (the native transport's before)."""
+    ``transport`` "anyio" keeps it on anyio streams (the native transports' before)."""
     return Server(
         identify=identify,
         handler=handler,

@@ -90,6 +90,13 @@ CONTENDERS = (
         "line",
         ("keepconn", "--backend", "trio"),
     ),
+    Contender(
+        "keepconn-trio-anyio",
+        "keepconn.Server, LineFramer, trio, anyio transport",
+        "lines",
+        "line",
+        ("keepconn", "--backend", "trio", "--transport", "anyio"),
+    ),
     Contender("gateway", "example MQTT gateway, default options", "gateway", "mqtt"),
     Contender("naive", "benchmarks/naive_gateway.py, defaults", "naive", "mqtt"),
     Contender("mosquitto", "Debian's mosquitto broker", "mosquitto", "mqtt"),

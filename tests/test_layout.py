@@ -23,6 +23,7 @@ IO_AND_TIME |= {"time", "os", "subprocess", "uvloop", "sniffio"}
 ANYIO_HOMES = (
     "keepconn._anyio",
     "keepconn._asyncio",
+    "keepconn._trio",
     "keepconn.client",
     "keepconn.testing",
     "keepconn.cluster",

@@ -28,6 +28,7 @@ SERVERS = [
     "keepconn-asyncio-anyio",
     "keepconn-uvloop",
     "keepconn-trio",
+    "keepconn-trio-anyio",
     "gateway",
     "naive",
     "mosquitto",

@@ -1,7 +1,7 @@
 """How a gateway node leaves the cluster: a SIGTERMed node deletes its lease and releases its
 sessions' records (only those still its own); a SIGKILLed node's records are collected by the
 survivors once its lease is gone. Real gateway processes on a throwaway redis-server, on every
-backend (asyncio and uvloop carry connections natively, trio through anyio's streams).
+backend (asyncio and uvloop carry connections natively, trio on keepconn's own socket stream).
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import anyio
 import anyio.abc
 import anyio.from_thread
 import anyio.lowlevel
+import sniffio
 from anyio.abc import SocketAttribute
 
 from .._asyncio.life import NativeLifecycle
@@ -222,8 +223,9 @@ class Server(Generic[F]):
         found: list[anyio.abc.SocketListener] = []
         for listener in given:
             found.extend(getattr(listener, "listeners", [listener]))
-        # On asyncio and uvloop, plain TCP is carried by the native transport (keepconn._asyncio)
-        self._listeners = [native_listener(listener, self.config, tls) for listener in found]
+        # Plain TCP is carried by a native transport: keepconn._asyncio's on asyncio and
+        # uvloop, keepconn._trio's streams on trio (unless config.transport says "anyio").
+        self._listeners = [_carrier(listener, self.config, tls) for listener in found]
         self._serving = True
         self._loop = (threading.get_ident(), anyio.lowlevel.current_token())
         config = self.config
@@ -454,6 +456,18 @@ class Server(Generic[F]):
 
     def _accepts(self) -> int:
         return self._accepted
+
+
+def _carrier(
+    listener: anyio.abc.SocketListener, config: ServerConfig, tls: ssl.SSLContext | None
+) -> anyio.abc.SocketListener:
+    """``listener`` as it is served: wrapped for this event loop's native transport when it
+    can be, else itself."""
+    if sniffio.current_async_library() == "trio":
+        from .._trio.listener import trio_listener  # only on trio: an optional dependency
+
+        return trio_listener(listener, config, tls)
+    return native_listener(listener, config, tls)
 
 
 def _own_rows(addresses: tuple[tuple[str, int], ...]) -> tuple[CensusRow, ...]:

@@ -96,9 +96,9 @@ class ServerConfig:
     gc_pacing: GcPacing | None = None
     #: Bytes asked of the socket per receive.
     receive_size: int = attrs.field(default=65536, validator=number(integer=True))
-    #: How connections are carried: "auto" serves plain TCP on asyncio and uvloop with the
-    #: native asyncio Protocol transport (lighter per idle connection) and everything else
-    #: (trio, TLS) on anyio streams; "anyio" always uses anyio streams.
+    #: How connections are carried: "auto" serves plain TCP natively (lighter per idle
+    #: connection): with an asyncio Protocol transport on asyncio and uvloop, on keepconn's own
+    #: socket stream on trio; TLS stays on anyio streams. "anyio" always uses anyio streams.
     transport: str = attrs.field(default="auto", validator=attrs.validators.in_(("auto", "anyio")))
 
     @property
