@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import anyio
 import pytest
@@ -24,6 +26,35 @@ from ..anyio.test_server_edges import server_with
 
 pytestmark = pytest.mark.anyio
 BASE = dict(admission=None, flapping=None)
+#: The loops the native transport runs on.
+NATIVE_BACKENDS = pytest.mark.parametrize(
+    "anyio_backend",
+    [
+        pytest.param(("asyncio", {}), id="asyncio"),
+        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    ],
+)
+
+
+@asynccontextmanager
+async def sampled_each_turn(read: Callable[[], int]) -> AsyncIterator[list[int]]:
+    """``read()`` once per turn of the event loop while the block runs (a task that yields
+    after each sample), into the list yielded; two turns more after the block, so that the
+    last change is seen."""
+    samples: list[int] = []
+
+    async def every_turn() -> None:
+        while True:
+            samples.append(read())
+            await asyncio.sleep(0)
+
+    sampler = asyncio.get_running_loop().create_task(every_turn())
+    try:
+        yield samples
+        for _ in range(2):
+            await asyncio.sleep(0)
+    finally:
+        sampler.cancel()
 
 
 def on_asyncio() -> bool:
@@ -98,13 +129,7 @@ async def test_a_fin_is_answered_at_once() -> None:
         await client.aclose()
 
 
-@pytest.mark.parametrize(
-    "anyio_backend",
-    [
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ],
-)
+@NATIVE_BACKENDS
 async def test_an_idle_native_connection_costs_few_tracked_objects() -> None:
     # The lever against the cyclic collector's pauses (issue: lean): count what the server
     # tracks per idle connection. Plain blocking sockets on the client side (loopback: the
@@ -132,13 +157,7 @@ async def test_an_idle_native_connection_costs_few_tracked_objects() -> None:
     assert per_connection < 30, per_connection
 
 
-@pytest.mark.parametrize(
-    "anyio_backend",
-    [
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ],
-)
+@NATIVE_BACKENDS
 async def test_a_full_listen_queue_is_taken_a_batch_per_loop_turn() -> None:
     # In a reconnect storm the listen queue is full, and an accept that finds a connection
     # waiting does not suspend: the accept loop took the whole backlog in one turn of the event
@@ -148,22 +167,12 @@ async def test_a_full_listen_queue_is_taken_a_batch_per_loop_turn() -> None:
     queued = 300
     clients: list[socket.socket] = []
     async with serving(ServerConfig(**BASE)) as (server, port):
-        samples: list[int] = []
-
-        async def every_turn() -> None:
-            while True:
-                samples.append(server.stats().accepted)
-                await asyncio.sleep(0)
-
         try:
             # Blocking connects: the kernel completes them into the queue while the loop waits.
             for _ in range(queued):
                 clients.append(socket.create_connection(("127.0.0.1", port)))
-            sampler = asyncio.get_running_loop().create_task(every_turn())
-            await wait_for(lambda: server.stats().accepted >= queued, timeout=slack(10))
-            for _ in range(2):  # two more turns: the sampler sees the last batch
-                await asyncio.sleep(0)
-            sampler.cancel()
+            async with sampled_each_turn(lambda: server.stats().accepted) as samples:
+                await wait_for(lambda: server.stats().accepted >= queued, timeout=slack(10))
         finally:
             for sock in clients:
                 sock.close()
@@ -173,13 +182,7 @@ async def test_a_full_listen_queue_is_taken_a_batch_per_loop_turn() -> None:
     assert sum(steps) >= queued - samples[0]
 
 
-@pytest.mark.parametrize(
-    "anyio_backend",
-    [
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ],
-)
+@NATIVE_BACKENDS
 async def test_hellos_that_arrive_together_are_served_a_batch_per_loop_turn() -> None:
     # The storm's last stall: connections accepted while their devices were still busy, whose
     # hellos then all became readable in one turn, and the next turns served every one of
@@ -189,24 +192,14 @@ async def test_hellos_that_arrive_together_are_served_a_batch_per_loop_turn() ->
     count = 200
     clients: list[socket.socket] = []
     async with serving(ServerConfig(**BASE)) as (server, port):
-        samples: list[int] = []
-
-        async def every_turn() -> None:
-            while True:
-                samples.append(len(server.registry))
-                await asyncio.sleep(0)
-
         try:
             for _ in range(count):
                 clients.append(socket.create_connection(("127.0.0.1", port)))
             await wait_for(lambda: server.stats().pending_hellos == count, timeout=slack(10))
             for i, sock in enumerate(clients):  # the loop is held meanwhile
                 sock.sendall(b"HELLO d%d secret\n" % i)
-            sampler = asyncio.get_running_loop().create_task(every_turn())
-            await wait_for(lambda: len(server.registry) == count, timeout=slack(10))
-            for _ in range(2):  # two more turns: the sampler sees the last batch
-                await asyncio.sleep(0)
-            sampler.cancel()
+            async with sampled_each_turn(lambda: len(server.registry)) as samples:
+                await wait_for(lambda: len(server.registry) == count, timeout=slack(10))
         finally:
             for sock in clients:
                 sock.close()
