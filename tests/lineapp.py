@@ -212,3 +212,31 @@ def own_sockets() -> set[int]:
         if target.startswith("socket:["):
             found.add(int(target[len("socket:[") : -1]))
     return found
+
+
+async def tracked_objects_per_idle_connection(
+    config: ServerConfig, sizes: tuple[int, int] = (100, 300)
+) -> float:
+    """How many tracked objects (``gc.get_objects()`` after a full collection) a line server
+    with ``config`` holds per idle session: the change from ``sizes[0]`` to ``sizes[1]``
+    sessions. Plain blocking sockets on the client side (loopback: the kernel completes them
+    without the loop), so the count is the server's plus one client socket object each."""
+    import gc
+
+    counts = []
+    clients: list[socket.socket] = []
+    async with serving(config) as (server, port):
+        try:
+            for size in sizes:
+                while len(clients) < size:
+                    sock = socket.create_connection(("127.0.0.1", port))
+                    sock.sendall(b"HELLO d%d secret\n" % len(clients))
+                    clients.append(sock)
+                await wait_for(lambda n=size: len(server.registry) == n, timeout=slack(10))
+                await anyio.sleep(0.05)
+                gc.collect()
+                counts.append(len(gc.get_objects()))
+        finally:
+            for sock in clients:
+                sock.close()
+    return (counts[1] - counts[0]) / (sizes[1] - sizes[0])

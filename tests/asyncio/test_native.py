@@ -5,7 +5,6 @@ connection does above that is the whole server suite's business, which runs on i
 from __future__ import annotations
 
 import asyncio
-import gc
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,7 +18,7 @@ from keepconn._asyncio.connection import NativeConnection
 from keepconn._asyncio.gate import HELLOS_PER_TURN
 from keepconn._asyncio.listener import ACCEPT_BATCH
 from keepconn.tcp._socket import unread_bytes
-from tests.lineapp import Client, closes, serving, wait_for
+from tests.lineapp import Client, closes, serving, tracked_objects_per_idle_connection, wait_for
 from tests.timing import slack
 
 from ..anyio.test_server_edges import server_with
@@ -135,24 +134,7 @@ async def test_an_idle_native_connection_costs_few_tracked_objects() -> None:
     # tracks per idle connection. Plain blocking sockets on the client side (loopback: the
     # kernel completes them without the loop), so that the count is the server's, plus one
     # client socket object each. (The native transport runs on asyncio and uvloop only.)
-    sizes = (100, 300)
-    counts = []
-    clients: list[socket.socket] = []
-    async with serving(ServerConfig(**BASE)) as (server, port):
-        try:
-            for size in sizes:
-                while len(clients) < size:
-                    sock = socket.create_connection(("127.0.0.1", port))
-                    sock.sendall(b"HELLO d%d secret\n" % len(clients))
-                    clients.append(sock)
-                await wait_for(lambda n=size: len(server.registry) == n, timeout=slack(10))
-                await anyio.sleep(0.05)
-                gc.collect()
-                counts.append(len(gc.get_objects()))
-        finally:
-            for sock in clients:
-                sock.close()
-    per_connection = (counts[1] - counts[0]) / (sizes[1] - sizes[0])
+    per_connection = await tracked_objects_per_idle_connection(ServerConfig(**BASE))
     # About 22 on CPython 3.11, 20 on uvloop (the anyio transport: about 62).
     assert per_connection < 30, per_connection
 

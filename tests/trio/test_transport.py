@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import socket
 import struct
 
@@ -12,8 +11,7 @@ from anyio.abc import SocketAttribute
 
 from keepconn import CloseReason, ServerConfig, ServerEvent
 from keepconn._trio.stream import TrioStream
-from tests.lineapp import Client, closes, serving, wait_for
-from tests.timing import slack
+from tests.lineapp import Client, closes, serving, tracked_objects_per_idle_connection, wait_for
 from tests.tlscerts import Pki
 
 pytestmark = pytest.mark.anyio
@@ -75,24 +73,7 @@ async def test_an_idle_trio_connection_costs_fewer_tracked_objects() -> None:
     # The lever against the cyclic collector's pauses: what the server tracks per idle
     # connection. Plain blocking sockets on the client side (loopback completes them without
     # the loop), so the count is the server's plus one client socket object each.
-    sizes = (100, 300)
-    counts = []
-    clients: list[socket.socket] = []
-    async with serving(ServerConfig(**BASE)) as (server, port):
-        try:
-            for size in sizes:
-                while len(clients) < size:
-                    sock = socket.create_connection(("127.0.0.1", port))
-                    sock.sendall(b"HELLO d%d secret\n" % len(clients))
-                    clients.append(sock)
-                await wait_for(lambda n=size: len(server.registry) == n, timeout=slack(10))
-                await anyio.sleep(0.05)
-                gc.collect()
-                counts.append(len(gc.get_objects()))
-        finally:
-            for sock in clients:
-                sock.close()
-    per_connection = (counts[1] - counts[0]) / (sizes[1] - sizes[0])
+    per_connection = await tracked_objects_per_idle_connection(ServerConfig(**BASE))
     # About 34 on CPython 3.11; on anyio's streams (transport="anyio") about 40: their
     # SocketStream and trio's socket wrapper, two coroutine frames of trio's recv, and a
     # BlockingIOError with its traceback (an await inside an except clause) are gone.
