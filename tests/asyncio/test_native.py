@@ -188,3 +188,40 @@ async def test_hellos_that_arrive_together_are_served_a_batch_per_loop_turn() ->
     steps = [b - a for a, b in zip(samples, samples[1:], strict=False)]
     assert max(steps) <= HELLOS_PER_TURN, max(steps)
     assert samples[-1] - samples[0] >= count - HELLOS_PER_TURN
+
+
+@NATIVE_BACKENDS
+async def test_an_answer_to_a_received_frame_keeps_the_turn_and_a_second_send_yields() -> None:
+    # A PINGRESP is the commonest send: the handler waited for the ping, so the loop has run
+    # since its last send, and yielding again costs a whole task step per ping (the gateway's
+    # CPU per ping). A second send in a row must still let the loop run, as anyio's send does,
+    # or a handler sending in a loop holds every other session. A task that runs once per
+    # loop turn counts the turns around each send.
+    events: list[ServerEvent] = []
+    turns: list[tuple[int, int, int]] = []
+    counted: list[int] = []  # one sample per loop turn, once the sampler runs (below)
+
+    async def answer_twice(conn: Connection[bytes]) -> None:
+        async for _ in conn:
+            before = len(counted)
+            await conn.send(b"ACK 1\n")
+            between = len(counted)
+            await conn.send(b"ACK 2\n")
+            turns.append((before, between, len(counted)))
+
+    server = server_with(answer_twice, ServerConfig(**BASE), events)
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        client = await Client.connect(port)
+        assert await client.hello("twice") == b"OK"
+        async with sampled_each_turn(lambda: 0) as counted:
+            for i in range(3):
+                await client.send(b"DATA %d" % i)
+                assert await client.line() == b"ACK 1"
+                assert await client.line() == b"ACK 2"
+        await client.aclose()
+        await server.shutdown()
+    assert len(turns) == 3
+    for before, between, after in turns:
+        assert between == before, turns  # the answer went out in the turn the frame came
+        assert after > between, turns  # the second send let the loop run

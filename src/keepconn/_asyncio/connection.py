@@ -67,6 +67,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         "_queued",
         "_task",
         "_timer",
+        "_turned",
         "_waiter",
         "_wire",
     )
@@ -123,6 +124,9 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         # have passed it (None then); _gated while they wait in it.
         self._gate = gate
         self._gated = False
+        # Whether the connection's task has suspended (on a receive that had to wait) since
+        # its last send: then that send need not let the loop run (see send).
+        self._turned = False
 
     # -- asyncio.Protocol
 
@@ -216,6 +220,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         if self._gated or not self._settle_waiter(waiter, end):
             self._waiter = waiter
             self._end_kind = end
+            self._turned = True
         return waiter
 
     def _gate_opened(self) -> None:
@@ -283,10 +288,16 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             await asyncio.shield(drained)
             if self._gone:
                 raise self._broken()
+        elif self._turned and asyncio.current_task() is self._task:
+            # The answer to a frame the task waited for (a PINGRESP): the loop has run since
+            # its last send, so this one need not yield. That saves a task step per ping,
+            # the commonest thing a server does.
+            self._turned = False
         else:
             # The kernel took it all at once: still let the other tasks run (anyio's send is
-            # a checkpoint too), or a handler sending in a loop would hold the event loop
-            # until the kernel's buffer is full.
+            # a checkpoint too), or a task sending in a loop (the handler's second send in a
+            # row, or any other task's) would hold the event loop until the kernel's buffer
+            # is full.
             await asyncio.sleep(0)
 
     def _broken(self) -> Exception:
