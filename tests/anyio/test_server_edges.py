@@ -23,7 +23,7 @@ from keepconn import (
     ServerEvent,
     SessionTakenOver,
 )
-from keepconn._anyio import server as server_module
+from keepconn._anyio import audit as audit_module
 from keepconn.tcp import census
 from tests.lineapp import Client, closes, goodbye, identify, make_server, serving, wait_for
 from tests.timing import slack
@@ -288,7 +288,7 @@ async def test_a_connection_born_and_closed_during_the_audit_read_is_no_phantom(
     # Seen in the gateway's tests: an audit started before a connection was accepted read the
     # table while it was ESTABLISHED and finished after it had closed, so neither of the
     # audit's snapshots of the connections knew it. Here the read is held at those two points.
-    real_read = server_module._own_rows
+    real_read = audit_module.own_rows
     reading, opened, read, finished = (threading.Event() for _ in range(4))
 
     def held_read(addresses: tuple[tuple[str, int], ...]) -> object:
@@ -299,7 +299,7 @@ async def test_a_connection_born_and_closed_during_the_audit_read_is_no_phantom(
         assert finished.wait(10)
         return rows
 
-    monkeypatch.setattr(server_module, "_own_rows", held_read)
+    monkeypatch.setattr(audit_module, "own_rows", held_read)
     async with serving(ServerConfig(**BASE)) as (server, port):
         audits = []
 

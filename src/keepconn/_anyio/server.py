@@ -9,16 +9,14 @@ connection from accept to close), :mod:`.reaper`, :mod:`.shutdown`; this one wir
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 import socket
 import ssl
 import threading
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import anyio
 import anyio.abc
@@ -40,6 +38,7 @@ from .._core.opening import Gatekeeper
 from .._core.reasons import CloseReason
 from .._core.registry import Session, SessionRegistry
 from .accept import accept_forever, connection_tasks
+from .audit import audit_sockets
 from .cluster import ClusterNode, ClusterStore
 from .connection import Connection
 from .life import Refuse
@@ -48,17 +47,11 @@ from .reaper import reap_forever
 from .shutdown import drain
 from .tls import check_server_context
 
-if TYPE_CHECKING:
-    from ..tcp import CensusRow
-
 __all__ = ["Server"]
 
 logger = logging.getLogger("keepconn.server")
 
 F = TypeVar("F")
-
-#: Rows an audit classifies between two checkpoints (about a millisecond's work).
-_AUDIT_BATCH = 1000
 
 
 class Server(Generic[F]):
@@ -335,56 +328,9 @@ class Server(Generic[F]):
     async def audit(self) -> SocketAudit:
         """Read the kernel's socket table for the server's ports and account for every
         ESTABLISHED socket (see :class:`SocketAudit`). Linux only; the table is read in a
-        worker thread because it can be megabytes with a large fleet, and filtered to the
-        server's ports there too; the event loop walks only the server's own rows, in batches
-        with a checkpoint between them (about 1 us a row: 15 ms for 15,000 in one go)."""
-        addresses = tuple(self.addresses)
-        # The table is read while connections come and go: a connection known before the read,
-        # after it, or closed during it owns its row (counted as closing if it is gone). The
-        # last kind matters: one that opened and closed within the read is in neither snapshot,
-        # and would otherwise pass for a phantom.
-        lives = self._lives
-        connections = lives.connections
-        closed = lives.watch_closes()
-        try:
-            before = {conn.inode: conn for conn in connections}
-            rows = await anyio.to_thread.run_sync(_own_rows, addresses)
-        finally:
-            lives.unwatch_closes(closed)
-        owners = {conn.inode: conn for conn in connections}
-        for known in (*before.values(), *closed):
-            owners.setdefault(known.inode, known)
-        counts: Counter[str] = Counter()
-        buckets: Counter[str] = Counter()
-        for n, row in enumerate(rows, 1):
-            if n % _AUDIT_BATCH == 0:
-                # Other tasks run between batches; a connection that closes meanwhile is
-                # counted as closing, which it is.
-                await anyio.lowlevel.checkpoint()
-            counts[row.state] += 1
-            if row.state != "ESTABLISHED":
-                continue
-            owner = owners.get(row.inode) if row.inode else None
-            if row.inode == 0:
-                buckets["unaccepted"] += 1
-            elif owner is None:
-                buckets["phantoms"] += 1
-            elif owner.reason is not None or owner not in connections:
-                buckets["closing"] += 1
-            elif owner.session is None:
-                buckets["in_hello"] += 1
-            else:
-                buckets["with_session"] += 1
-        return SocketAudit(
-            established=counts["ESTABLISHED"],
-            with_session=buckets["with_session"],
-            in_hello=buckets["in_hello"],
-            closing=buckets["closing"],
-            unaccepted=buckets["unaccepted"],
-            phantoms=buckets["phantoms"],
-            close_wait=counts["CLOSE_WAIT"],
-            counts=dict(counts),
-        )
+        worker thread, filtered to the server's ports by the kernel itself (see
+        :func:`keepconn._anyio.audit.audit_sockets`)."""
+        return await audit_sockets(tuple(self.addresses), self._lives)
 
     def add_listener(self, callback: Callable[[ServerEvent], None]) -> None:
         """Call ``callback`` with every ServerEvent from now on, after ``on_event``.
@@ -468,31 +414,3 @@ def _carrier(
 
         return trio_listener(listener, config, tls)
     return native_listener(listener, config, tls)
-
-
-def _own_rows(addresses: tuple[tuple[str, int], ...]) -> tuple[CensusRow, ...]:
-    """The kernel's TCP table, only the rows of the server's listening ``addresses`` (runs in
-    a worker thread). By address too, not only by port: another process may listen on the
-    same port number on another address (every test device here is on loopback), and its
-    sockets are none of this server's."""
-    from ..tcp import census
-
-    ports = {port for _, port in addresses}
-    # census() skips other ports' lines before the costly parts of parsing.
-    found = census(next(iter(ports))).sockets if len(ports) == 1 else census().sockets
-    wanted = [(_ip(host), port) for host, port in addresses]
-    return tuple(
-        row
-        for row in found
-        if any(
-            port == row.local_port and (ip.is_unspecified or ip == _ip(row.local_address))
-            for ip, port in wanted
-        )
-    )
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    address = ipaddress.ip_address(text.split("%", 1)[0])  # no zone index (fe80::1%eth0)
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped  # an IPv4 peer on a dual-stack socket
-    return address

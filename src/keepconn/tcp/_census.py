@@ -1,4 +1,4 @@
-"""The kernel's census of TCP sockets, from /proc/net/tcp and /proc/net/tcp6 (Linux).
+"""The kernel's census of TCP sockets, over netlink (sock_diag) or from /proc/net/tcp (Linux).
 
 This is what ``netstat -nat`` and ``ss -tan`` show, read without spawning them, and it includes
 sockets no process holds any more (TIME_WAIT, orphaned FIN_WAIT) that the application cannot
@@ -7,11 +7,14 @@ or CLOSE_WAIT sockets (the peer closed, the server never did) that last more tha
 
 /proc/net shows the network namespace of the process reading it; ``pid=`` reads another
 process's namespace through /proc/PID/net instead, which is how a tool in the root namespace
-audits a server running in a container.
+audits a server running in a container. The census of one's own namespace asks netlink first
+(:mod:`keepconn.tcp._diag`): the same rows, filtered by port in the kernel, several times
+cheaper to read than /proc's text.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from collections import Counter
@@ -73,8 +76,10 @@ class Census:
     port: int | None = None
     #: Rows the kernel listed more than once, dropped from ``sockets``: /proc/net/tcp is read
     #: in chunks, and a table that changes between two chunks can repeat sockets (or skip
-    #: some, which no reader can see).
+    #: some, which no reader can see). A netlink dump is read in chunks too.
     duplicates: int = 0
+    #: Where the rows came from: "netlink" (sock_diag) or "proc" (/proc/net/tcp and tcp6).
+    source: str = "proc"
 
     def count(self, state: str) -> int:
         """How many sockets are in ``state`` (0 when none)."""
@@ -84,18 +89,25 @@ class Census:
         return len(self.sockets)
 
 
-def census(port: int | None = None, *, pid: int | None = None, proc: str = "/proc") -> Census:
+def census(
+    port: int | None = None, *, pid: int | None = None, proc: str = "/proc", source: str = "auto"
+) -> Census:
     """List the TCP sockets whose local port is ``port`` (all sockets when None).
 
-    Reads /proc/net/tcp and /proc/net/tcp6 (or those of process ``pid``, which may sit in
-    another network namespace). A file that does not exist (no IPv6, not Linux) is skipped; if
-    neither exists, FileNotFoundError is raised, since an empty census would be a lie.
+    Asks the kernel over netlink (sock_diag, as ``ss`` does) for this process's own network
+    namespace; reads /proc/net/tcp and /proc/net/tcp6 for process ``pid`` (which may sit in
+    another network namespace), for another procfs mount, or when netlink cannot be asked. A
+    file that does not exist (no IPv6, not Linux) is skipped; if neither exists,
+    FileNotFoundError is raised, since an empty census would be a lie.
 
     :param port: the local port to list (a server's port lists its listener and every
         server-side connection, not its clients' own sockets); None for every socket.
     :param pid: read the table of this process's network namespace instead of ours.
     :param proc: where procfs is mounted.
+    :param source: "auto" (netlink, else /proc), "netlink" (no fallback: its OSError is
+        raised) or "proc".
     :raises FileNotFoundError: neither table exists (not Linux, or no procfs).
+    :raises ValueError: an unknown ``source``, or "netlink" with ``pid`` or ``proc``.
 
     >>> import socket
     >>> listener = socket.create_server(("127.0.0.1", 0))
@@ -109,6 +121,18 @@ def census(port: int | None = None, *, pid: int | None = None, proc: str = "/pro
     1
     >>> served.close(); listener.close()
     """
+    if source not in ("auto", "netlink", "proc"):
+        raise ValueError(f"source must be 'auto', 'netlink' or 'proc', got {source!r}")
+    own = pid is None and proc == "/proc"
+    if source == "netlink" and not own:
+        raise ValueError("netlink reads this process's own namespace: no pid= or proc= with it")
+    if own and source != "proc":
+        try:
+            return _counted(_netlink_rows(port), port, "netlink")
+        except OSError:
+            if source == "netlink":
+                raise
+            # No sock_diag here (a sandbox, the module not loaded): /proc has the same rows.
     base = f"{proc}/net" if pid is None else f"{proc}/{pid}/net"
     rows: list[CensusRow] = []
     found = False
@@ -122,10 +146,31 @@ def census(port: int | None = None, *, pid: int | None = None, proc: str = "/pro
         rows.extend(parse_proc_net_tcp(text.splitlines()[1:], family, port))
     if not found:
         raise FileNotFoundError(f"{base}/tcp: no TCP census on this system")
+    return _counted(rows, port, "proc")
+
+
+def _netlink_rows(port: int | None) -> list[CensusRow]:
+    from ._diag import diag_rows  # Linux only, imported when first asked
+
+    rows = diag_rows(4, port)
+    try:
+        rows.extend(diag_rows(6, port))
+    except OSError:
+        # A kernel without IPv6 has no tcp6 table to list either; anything else is a failure.
+        if os.path.exists("/proc/net/tcp6"):
+            raise
+    return rows
+
+
+def _counted(rows: list[CensusRow], port: int | None, source: str) -> Census:
     unique = _unique(rows)
     counts = Counter(row.state for row in unique)
     return Census(
-        counts=dict(counts), sockets=tuple(unique), port=port, duplicates=len(rows) - len(unique)
+        counts=dict(counts),
+        sockets=tuple(unique),
+        port=port,
+        duplicates=len(rows) - len(unique),
+        source=source,
     )
 
 
