@@ -13,12 +13,19 @@ import anyio
 import pytest
 import sniffio
 
-from keepconn import CloseReason, Connection, ServerConfig, ServerEvent
+from keepconn import AdmissionConfig, CloseReason, Connection, ServerConfig, ServerEvent
 from keepconn._asyncio.connection import NativeConnection
 from keepconn._asyncio.gate import HELLOS_PER_TURN
 from keepconn._asyncio.listener import ACCEPT_BATCH
 from keepconn.tcp._socket import unread_bytes
-from tests.lineapp import Client, closes, serving, tracked_objects_per_idle_connection, wait_for
+from tests.lineapp import (
+    Client,
+    closes,
+    cyclic_garbage,
+    serving,
+    tracked_objects_per_idle_connection,
+    wait_for,
+)
 from tests.timing import slack
 
 from ..anyio.test_server_edges import server_with
@@ -225,3 +232,40 @@ async def test_an_answer_to_a_received_frame_keeps_the_turn_and_a_second_send_yi
     for before, between, after in turns:
         assert between == before, turns  # the answer went out in the turn the frame came
         assert after > between, turns  # the second send let the loop run
+
+
+@NATIVE_BACKENDS
+@pytest.mark.parametrize("ending", ["peer_closed", "taken_over", "refused"])
+async def test_a_finished_connection_is_freed_without_the_cyclic_collector(ending: str) -> None:
+    # Every closed connection used to stay behind as a reference cycle (asyncio's transport
+    # holds a bound method of its own; the connection, its task and the task's exception hold
+    # each other): 7 to 15 objects each that only a full collection frees. With collections
+    # held through a storm, tens of thousands of them made the one that finally ran last
+    # 0.7 s. Now each is freed by reference counting the moment it is finished.
+    count = 200
+    config = ServerConfig(**BASE)
+    if ending == "refused":
+        config = ServerConfig(admission=AdmissionConfig(accept_rate=0.001, accept_burst=1))
+    clients: list[socket.socket] = []
+    async with serving(config) as (server, port):
+        with cyclic_garbage() as garbage:
+            try:
+                for i in range(count):
+                    sock = socket.create_connection(("127.0.0.1", port))
+                    name = b"same" if ending == "taken_over" else b"d%d" % i
+                    sock.sendall(b"HELLO " + name + b" secret\n")
+                    clients.append(sock)
+                stats = server.stats
+                if ending == "taken_over":
+                    await wait_for(lambda: stats().takeovers == count - 1, timeout=slack(10))
+                elif ending == "refused":
+                    refused = CloseReason.OVERLOADED
+                    await wait_for(lambda: stats().closed[refused] == count - 1, timeout=slack(10))
+                else:
+                    await wait_for(lambda: len(server.registry) == count, timeout=slack(10))
+            finally:
+                for sock in clients:
+                    sock.close()
+            await wait_for(lambda: not server.connections, timeout=slack(10))
+    # (A few objects of one-off set-up may be found; nothing per connection.)
+    assert sum(garbage.values()) < count, garbage.most_common(8)

@@ -105,7 +105,8 @@ class StreamConnection(Generic[F, R]):
         self.opened_at = anyio.current_time()
         #: The peer's address as the socket reports it, e.g. ("127.0.0.1", 50312).
         self.peer: Any = _extra(stream, SocketAttribute.remote_address)
-        #: Free for the application (protocol state, the device record, ...).
+        #: Free for the application (protocol state, the device record, ...). Dropped (set
+        #: to None) once the connection is finished, after its handler and its close event.
         self.context: Any = None
 
     # -- state

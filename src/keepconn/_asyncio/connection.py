@@ -192,6 +192,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
         self._lost = exc
+        _break_transport_cycle(self._wire)
         self._wake()
         drained = self._drained
         if drained is not None and not drained.done():
@@ -451,6 +452,38 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     def _aged_out(self) -> bool:
         return False
 
+    def _release(self) -> None:
+        """The connection is finished: drop what refers back to it (its task, whose frames
+        and exception hold it; its stream adapter), so that it is freed by reference counting
+        at once rather than left for the cyclic collector, whose full collections walk every
+        object the process holds: after a storm of refused or displaced connections, those
+        collections were what stalled the loop."""
+        self._task = None
+        self._on_served = None
+        self._adapter = None
+        self._waiter = None
+
     def __repr__(self) -> str:
         who = "hello" if self._session is None else repr(self._session.key)
         return f"<Connection {who} peer={self.peer!r} reason={self._reason} native>"
+
+
+def _ignore_reads() -> None:
+    pass
+
+
+def _break_transport_cycle(wire: asyncio.Transport | None) -> None:
+    """Break CPython's own reference cycle in a closed selector transport.
+
+    asyncio's ``_SelectorSocketTransport`` (CPython 3.11) keeps a bound method of itself,
+    ``_read_ready_cb``: every connection, once closed, is garbage only the cyclic collector
+    frees, seven objects each (transport, its dict, the method, the socket and its wrapper,
+    two address tuples). Its reader is removed before ``connection_lost`` runs, so nothing
+    calls the method again; a harmless function replaces it, which breaks the cycle. uvloop's
+    transports are C objects without it.
+    """
+    if wire is None:
+        return
+    reads = getattr(wire, "_read_ready_cb", None)
+    if getattr(reads, "__self__", None) is wire:
+        setattr(wire, "_read_ready_cb", _ignore_reads)  # noqa: B010 (private to asyncio)

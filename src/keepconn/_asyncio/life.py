@@ -70,6 +70,9 @@ class NativeLifecycle(Lifecycle[F]):
         task = asyncio.current_task()
         assert task is not None
         conn._start(task)
+        # Not kept in this frame: a cancelled task's exception holds the frame, which would
+        # hold the task (a cycle left to the cyclic collector, see NativeConnection._release).
+        del task
         self._opened(conn)
         handed_over = False
         try:
@@ -121,6 +124,7 @@ class NativeLifecycle(Lifecycle[F]):
         reason = self._settled(conn)
         conn._close_now()
         self._account(conn, reason)
+        conn._release()
 
     def abort_native(self) -> None:
         """End every native connection now (the server is going away without a drain)."""
