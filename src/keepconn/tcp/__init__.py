@@ -3,7 +3,7 @@
 * :class:`TcpKeepalive` tunes TCP keepalive and TCP_USER_TIMEOUT per socket (portable, with
   anything a platform lacks reported rather than ignored) and reads the settings back.
 * :func:`tcp_info` reads Linux's TCP_INFO; :func:`classify` tells a dead peer from a slow reader.
-* :func:`census` lists the kernel's TCP sockets on a port, by state, from /proc.
+* :func:`census` lists the kernel's TCP sockets on a port, by state (netlink, or /proc).
 
 One-liners for each I/O stack (``ka = TcpKeepalive(idle=60, interval=10, count=6)``)::
 
