@@ -26,15 +26,6 @@ async def test_a_session_the_device_closed_leaves_no_cyclic_garbage() -> None:
     assert sum(garbage.values()) < 200, garbage.most_common(8)
 
 
-# On trio a taken-over session still leaves a cycle of trio's own, some 60 objects: the
-# Cancelled exception's traceback keeps the frames of the task that cancelled it.
-@pytest.mark.parametrize(
-    "anyio_backend",
-    [
-        pytest.param(("asyncio", {}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-    ],
-)
 async def test_a_session_taken_over_leaves_no_cyclic_garbage() -> None:
     garbage = await cyclic_garbage_of(200, "taken_over")
     assert sum(garbage.values()) < 200, garbage.most_common(8)

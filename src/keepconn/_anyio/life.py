@@ -138,7 +138,8 @@ class Lifecycle(Generic[F]):
                     if await self._prelude(conn, tls):
                         await self._session(conn)
                 except BaseException as exc:
-                    self._failed(conn, exc)
+                    if self._failed(conn, exc):
+                        raise
         finally:
             with anyio.CancelScope(shield=True):
                 await self._finish(conn)
@@ -190,18 +191,21 @@ class Lifecycle(Generic[F]):
         if reason is not None:
             self._gate.record_hello_aborted(conn.host, anyio.current_time(), reason)
 
-    def _failed(self, conn: Connection[F], exc: BaseException) -> None:
-        """Give the connection the reason ``exc`` stands for; re-raise what is not ours."""
+    def _failed(self, conn: Connection[F], exc: BaseException) -> bool:
+        """Give the connection the reason ``exc`` stands for; True if ``exc`` is not ours
+        and must travel on. (The caller re-raises it with a bare ``raise``: raised here, the
+        traceback would hold this frame, which holds ``exc``, a cycle per cancelled
+        connection left for the cyclic collector.)"""
         errors = errors_in(exc)
         if errors is None:
-            raise exc  # KeyboardInterrupt, SystemExit and the like are not ours
+            return True  # KeyboardInterrupt, SystemExit and the like are not ours
         if not errors:
             # Only cancellation. From outside (the task running serve(), Ctrl-C) it means the
             # server is going away; this connection's own scope (close, max_age) has its reason
             # already or gets it when it settles.
             if conn.reason is None and not conn._cancel_requested():
                 conn._record(CloseReason.SHUTDOWN)
-            raise exc
+            return True
         # Errors, perhaps beside a cancellation in one group (trio reports a reset seen by the
         # handler together with the cancel of its ping task). The task ends either way, so the
         # cancellation need not travel further.
@@ -209,6 +213,7 @@ class Lifecycle(Generic[F]):
         conn._record_failure(failure, detail)
         if failure is Failure.OTHER:
             logger.error("handler for %r failed", conn, exc_info=errors[0])
+        return False
 
     def _hello_started(self, conn: Connection[F]) -> None:
         self.pending_hellos += 1

@@ -87,16 +87,19 @@ class NativeLifecycle(Lifecycle[F]):
                 serving.add_done_callback(conn._served, context=self._context)
                 handed_over = True
         except BaseException as exc:
-            self._ended_by(conn, exc)
+            if self._ended_by(conn, exc):
+                raise
         finally:
             if not handed_over:
                 self._finish_now(conn)
 
-    def _ended_by(self, conn: NativeConnection[F], exc: BaseException) -> None:
+    def _ended_by(self, conn: NativeConnection[F], exc: BaseException) -> bool:
+        """Account for ``exc`` ending the connection's task; True if it must travel on."""
         # A close (or timeout) of the connection's own cancels its task: that ends the life
         # like a cancel scope's end would, and goes no further.
-        if not (isinstance(exc, asyncio.CancelledError) and conn._own_cancel()):
-            self._failed(conn, exc)
+        if isinstance(exc, asyncio.CancelledError) and conn._own_cancel():
+            return False
+        return self._failed(conn, exc)
 
     def _served(self, conn: NativeConnection[F], task: asyncio.Future[None]) -> None:
         """The session's task is done (a done callback, outside any task): account for its
@@ -107,13 +110,13 @@ class NativeLifecycle(Lifecycle[F]):
         sniffio.thread_local.name = "asyncio"
         try:
             if task.cancelled():
+                # Cancelled from outside (the loop going away) it is recorded as SHUTDOWN,
+                # and goes no further: there is no task here to cancel.
                 self._ended_by(conn, asyncio.CancelledError())
             else:
                 exc = task.exception()
-                if exc is not None:
-                    self._ended_by(conn, exc)
-        except asyncio.CancelledError:
-            pass  # cancelled from outside (the loop going away): recorded as SHUTDOWN
+                if exc is not None and self._ended_by(conn, exc):
+                    raise exc  # KeyboardInterrupt and the like, to the event loop
         finally:
             try:
                 self._finish_now(conn)
