@@ -289,10 +289,11 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             await asyncio.shield(drained)
             if self._gone:
                 raise self._broken()
-        elif self._turned and asyncio.current_task() is self._task:
+        elif self._turned and asyncio.current_task(self._loop) is self._task:
             # The answer to a frame the task waited for (a PINGRESP): the loop has run since
             # its last send, so this one need not yield. That saves a task step per ping,
-            # the commonest thing a server does.
+            # the commonest thing a server does. (The loop is passed: asked to find the
+            # running loop itself, current_task() makes a getpid() system call.)
             self._turned = False
         else:
             # The kernel took it all at once: still let the other tasks run (anyio's send is
