@@ -120,6 +120,7 @@ class Gateway:
             config=config,
             refuse=self.refuse,
             cluster=cluster,
+            on_frame=self.on_frame,
         )
         #: The cluster store adapter when the gateway is one node of several (``--cluster``).
         self.cluster = cluster
@@ -221,6 +222,17 @@ class Gateway:
         """
         del retry_after
         await stream.send(_CONNACK_UNAVAILABLE)
+
+    def on_frame(self, conn: Connection[Packet], packet: Packet) -> bool:
+        """Answer a PINGREQ where it is read, when the transport allows (keepconn's native
+        one on asyncio and uvloop): an idle device's every packet then costs no task step.
+        Anything else, and every packet on other transports, goes to :meth:`handler`."""
+        if not isinstance(packet, Pingreq) or not conn.send_nowait(_PINGRESP):
+            return False
+        # After the answer, not before it as in the handler: a device pinging too often gets
+        # this PINGRESP, then the close.
+        conn.ping_received()
+        return True
 
     async def handler(self, conn: Connection[Packet]) -> None:
         """Serve one authenticated session until it ends, for whatever reason.

@@ -218,6 +218,12 @@ class StreamConnection(Generic[F, R]):
     def __aiter__(self: C) -> C:
         return self
 
+    def send_nowait(self, data: bytes) -> bool:
+        """Send bytes to the peer now, without waiting, if this transport can (the native
+        one on asyncio and uvloop can); False if nothing was sent: on an anyio stream, or
+        once the connection is closing. For ``on_frame`` (see :class:`~keepconn.Server`)."""
+        return False
+
     async def send(self, data: bytes) -> None:
         """Send bytes to the peer. Callbacks must write through this method, never through
         ``stream`` directly: the handler and the ping task may send at the same time, and

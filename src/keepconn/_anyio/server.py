@@ -82,6 +82,14 @@ class Server(Generic[F]):
     :param cluster: a cluster store (``keepconn.cluster.RedisCluster``): this server is then
         one node of a cluster with one live session per identity cluster-wide. The server
         runs it (lease, notices, reconciliation) while it serves; see docs/topics/cluster.md.
+    :param on_frame: ``(conn, frame) -> bool``, a synchronous shortcut past the handler for
+        frames whose answer needs no waiting (an MQTT PINGREQ): on the native transport
+        (asyncio, uvloop) a session's frame is offered to it, right where it is framed,
+        whenever the handler waits for one and no frame is queued before it; True means it
+        took the frame (answered with ``conn.send_nowait()``), False hands it to the handler
+        as usual, and what it raises the handler's ``receive()`` raises. Frames it is not
+        offered (the hello, a busy handler's, every frame on trio and TLS) go to the handler,
+        which must handle every kind of frame itself: this only saves a task step per frame.
     """
 
     def __init__(
@@ -97,6 +105,7 @@ class Server(Generic[F]):
         on_event: Callable[[ServerEvent], None] | None = None,
         rng: random.Random | None = None,
         cluster: ClusterStore | None = None,
+        on_frame: Callable[[Connection[F], F], bool] | None = None,
     ) -> None:
         self.config = config = config if config is not None else ServerConfig()
         if config.heartbeat is not None and send_ping is None:
@@ -141,6 +150,7 @@ class Server(Generic[F]):
             rng=self._rng,
             cluster=self._cluster,
         )
+        self._lives._on_frame = on_frame
         self._accepted = 0
         pacing = config.gc_pacing
         self._gc_pacer = None if pacing is None else CollectionPacer(pacing)

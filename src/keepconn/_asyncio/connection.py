@@ -62,6 +62,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         "_gone",
         "_loop",
         "_lost",
+        "_on_frame",
         "_on_served",
         "_paused",
         "_queued",
@@ -80,6 +81,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         order: int,
         loop: asyncio.AbstractEventLoop,
         gate: HelloGate | None = None,
+        on_frame: Callable[[NativeConnection[F], F], bool] | None = None,
     ) -> None:
         # Not Connection.__init__: that one wraps an anyio stream. The fields its inherited
         # methods read are set here; the anyio ones (stream, send lock, scope) do not exist.
@@ -127,6 +129,9 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         # Whether the connection's task has suspended (on a receive that had to wait) since
         # its last send: then that send need not let the loop run (see send).
         self._turned = False
+        # The server's on_frame shortcut: offered the session's frames while the handler
+        # waits for one (see _offer).
+        self._on_frame = on_frame
 
     # -- asyncio.Protocol
 
@@ -164,13 +169,16 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             # (Frames of a connection waiting in the gate are queued: reading pauses below.)
             if not self._gated and queued is None and waiter is not None and not waiter.done():
                 # The usual case (a ping): the handler waits and nothing is queued before
-                # these, so the first frame goes to it at once, and a queue is made only for
-                # the rest, if any.
-                self._waiter = None
-                waiter.set_result(frames[0])
-                if len(frames) > 1:
-                    self._queued = deque(frames)
-                    self._queued.popleft()
+                # these, so the first frame goes to it at once (unless on_frame takes it),
+                # and a queue is made only for the rest, if any.
+                first = 0
+                if self._on_frame is not None and self._session is not None:
+                    first = self._offer(frames, waiter)
+                if first < len(frames):
+                    self._waiter = None
+                    waiter.set_result(frames[first])
+                    if len(frames) > first + 1:
+                        self._queued = deque(frames[first + 1 :])
             elif queued is None:
                 self._queued = deque(frames)
             else:
@@ -181,6 +189,22 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             # the peer's further bytes wait in the kernel (TCP's own backpressure), where the
             # reaper's FIONREAD question finds them if the handler stays busy past a deadline.
             self._pause()
+
+    def _offer(self, frames: list[F], waiter: asyncio.Future[F]) -> int:
+        """Offer ``frames`` to on_frame, in order, until it declines one; the index of that
+        one (``len(frames)`` if it took them all). What it raises goes to the waiting handler,
+        as if the handler's own code had raised it (the frames after it are moot then)."""
+        on_frame = self._on_frame
+        assert on_frame is not None
+        for i, frame in enumerate(frames):
+            try:
+                if not on_frame(self, frame):
+                    return i
+            except Exception as exc:
+                self._waiter = None
+                waiter.set_exception(exc)
+                return len(frames)
+        return len(frames)
 
     def eof_received(self) -> bool:
         self._peer_closed = True
@@ -276,6 +300,23 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             self._wire.pause_reading()
 
     # -- writing
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Send bytes to the peer now (to the kernel, or to the transport's buffer behind what
+        it still holds: a few bytes more behind a slow peer); False once the connection is
+        closing or closed (nothing sent)."""
+        wire = self._wire
+        if self._eof_sent or self._reason is not None or wire is None or wire.is_closing():
+            return False
+        wire.write(data)
+        return True
+
+    def ping_received(self) -> None:
+        """:meth:`Connection.ping_received`, on the loop's clock: on_frame calls it outside
+        any task, where anyio cannot tell which library runs."""
+        policer = self._policer
+        if policer is not None and not policer.ping(self._loop.time()):
+            self.close(CloseReason.TOO_MANY_PINGS, f"{policer.strikes} early pings")
 
     async def send(self, data: bytes) -> None:
         """Send bytes to the peer; waits while the kernel cannot take them all yet."""

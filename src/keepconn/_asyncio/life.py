@@ -42,6 +42,8 @@ class NativeLifecycle(Lifecycle[F]):
     _on_served: Callable[[NativeConnection[F], asyncio.Future[None]], None] | None = None
     #: What rations the hellos each loop turn serves (see keepconn._asyncio.gate).
     _hello_gate: HelloGate | None = None
+    #: The server's on_frame shortcut (see Server), handed to each native connection.
+    _on_frame: Callable[[Connection[F], F], bool] | None = None
 
     def start(self, sock: socket.socket, order: int) -> None:
         """Serve an accepted socket on a task of its own."""
@@ -60,7 +62,7 @@ class NativeLifecycle(Lifecycle[F]):
         if gate is None:
             gate = self._hello_gate = HelloGate(loop)
         conn: NativeConnection[F] = NativeConnection(
-            framer, on_event=self._emit, order=order, loop=loop, gate=gate
+            framer, on_event=self._emit, order=order, loop=loop, gate=gate, on_frame=self._on_frame
         )
         try:
             await loop.connect_accepted_socket(_factory(conn), sock)
