@@ -69,8 +69,11 @@ class Lifecycle(Generic[F]):
         stopping: anyio.Event,
         rng: random.Random,
         cluster: ClusterNode | None = None,
+        on_frame: Callable[[Connection[F], F], bool] | None = None,
     ) -> None:
         self._config = config
+        # Server(on_frame=...): offered frames by the native transports only (see Server).
+        self._on_frame = on_frame
         self._gate = gate
         self._registry = gate.registry
         self._identify = identify

@@ -149,8 +149,8 @@ class Server(Generic[F]):
             stopping=self._stopping,
             rng=self._rng,
             cluster=self._cluster,
+            on_frame=on_frame,
         )
-        self._lives._on_frame = on_frame
         self._accepted = 0
         pacing = config.gc_pacing
         self._gc_pacer = None if pacing is None else CollectionPacer(pacing)

@@ -30,6 +30,7 @@ from .._core.registry import Session
 from ..tcp._socket import abort_on_close
 from .gate import HelloGate
 from .stream import NativeStream
+from .transport import break_transport_cycle
 
 if TYPE_CHECKING:
     import socket
@@ -117,8 +118,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         # What connection_lost reported: an OSError, or None for a clean close.
         self._lost: BaseException | None = None
         self._gone = False
-        # Set when this connection cancels its own task (close, timeouts): the task's life
-        # swallows that cancellation, as a cancel scope would.
+        # Set when this connection cancels its own task (close, timeouts): swallowed then.
         self._cancelling = False
         self._timer: asyncio.TimerHandle | None = None
         self._adapter: NativeStream | None = None
@@ -126,12 +126,9 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         # have passed it (None then); _gated while they wait in it.
         self._gate = gate
         self._gated = False
-        # Whether the connection's task has suspended (on a receive that had to wait) since
-        # its last send: then that send need not let the loop run (see send).
+        # Whether the task has waited in a receive since its last send (see send).
         self._turned = False
-        # The server's on_frame shortcut: offered the session's frames while the handler
-        # waits for one (see _offer).
-        self._on_frame = on_frame
+        self._on_frame = on_frame  # Server(on_frame=...), see _offer
 
     # -- asyncio.Protocol
 
@@ -191,9 +188,8 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             self._pause()
 
     def _offer(self, frames: list[F], waiter: asyncio.Future[F]) -> int:
-        """Offer ``frames`` to on_frame, in order, until it declines one; the index of that
-        one (``len(frames)`` if it took them all). What it raises goes to the waiting handler,
-        as if the handler's own code had raised it (the frames after it are moot then)."""
+        """Offer ``frames`` to on_frame in order; the index of the first it declines. What it
+        raises goes to the waiting handler, as the handler's own code raising would."""
         on_frame = self._on_frame
         assert on_frame is not None
         for i, frame in enumerate(frames):
@@ -216,7 +212,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
         self._lost = exc
-        _break_transport_cycle(self._wire)
+        break_transport_cycle(self._wire)
         self._wake()
         drained = self._drained
         if drained is not None and not drained.done():
@@ -302,9 +298,8 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     # -- writing
 
     def send_nowait(self, data: bytes) -> bool:
-        """Send bytes to the peer now (to the kernel, or to the transport's buffer behind what
-        it still holds: a few bytes more behind a slow peer); False once the connection is
-        closing or closed (nothing sent)."""
+        """Send bytes now (to the kernel, or behind what the transport still buffers); False,
+        nothing sent, once the connection is closing."""
         wire = self._wire
         if self._eof_sent or self._reason is not None or wire is None or wire.is_closing():
             return False
@@ -312,8 +307,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         return True
 
     def ping_received(self) -> None:
-        """:meth:`Connection.ping_received`, on the loop's clock: on_frame calls it outside
-        any task, where anyio cannot tell which library runs."""
+        """:meth:`Connection.ping_received` on the loop's clock (on_frame runs outside tasks)."""
         policer = self._policer
         if policer is not None and not policer.ping(self._loop.time()):
             self.close(CloseReason.TOO_MANY_PINGS, f"{policer.strikes} early pings")
@@ -332,15 +326,13 @@ class NativeConnection(Connection[F], asyncio.Protocol):
                 raise self._broken()
         elif self._turned and asyncio.current_task(self._loop) is self._task:
             # The answer to a frame the task waited for (a PINGRESP): the loop has run since
-            # its last send, so this one need not yield. That saves a task step per ping,
-            # the commonest thing a server does. (The loop is passed: asked to find the
-            # running loop itself, current_task() makes a getpid() system call.)
+            # its last send, so this one need not yield: a task step less per ping. (Without
+            # the loop, current_task() makes a getpid() system call to find it.)
             self._turned = False
         else:
             # The kernel took it all at once: still let the other tasks run (anyio's send is
-            # a checkpoint too), or a task sending in a loop (the handler's second send in a
-            # row, or any other task's) would hold the event loop until the kernel's buffer
-            # is full.
+            # a checkpoint too), or a task sending in a loop (a second send in a row, another
+            # task's) would hold the event loop until the kernel's buffer is full.
             await asyncio.sleep(0)
 
     def _broken(self) -> Exception:
@@ -496,10 +488,8 @@ class NativeConnection(Connection[F], asyncio.Protocol):
 
     def _release(self) -> None:
         """The connection is finished: drop what refers back to it (its task, whose frames
-        and exception hold it; its stream adapter), so that it is freed by reference counting
-        at once rather than left for the cyclic collector, whose full collections walk every
-        object the process holds: after a storm of refused or displaced connections, those
-        collections were what stalled the loop."""
+        and exception hold it; its stream adapter), so that reference counting frees it at
+        once: left to the cyclic collector after a storm, such garbage stalled the loop."""
         self._task = None
         self._on_served = None
         self._adapter = None
@@ -508,24 +498,3 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     def __repr__(self) -> str:
         who = "hello" if self._session is None else repr(self._session.key)
         return f"<Connection {who} peer={self.peer!r} reason={self._reason} native>"
-
-
-def _ignore_reads() -> None:
-    pass
-
-
-def _break_transport_cycle(wire: asyncio.Transport | None) -> None:
-    """Break CPython's own reference cycle in a closed selector transport.
-
-    asyncio's ``_SelectorSocketTransport`` (CPython 3.11) keeps a bound method of itself,
-    ``_read_ready_cb``: every connection, once closed, is garbage only the cyclic collector
-    frees, seven objects each (transport, its dict, the method, the socket and its wrapper,
-    two address tuples). Its reader is removed before ``connection_lost`` runs, so nothing
-    calls the method again; a harmless function replaces it, which breaks the cycle. uvloop's
-    transports are C objects without it.
-    """
-    if wire is None:
-        return
-    reads = getattr(wire, "_read_ready_cb", None)
-    if getattr(reads, "__self__", None) is wire:
-        setattr(wire, "_read_ready_cb", _ignore_reads)  # noqa: B010 (private to asyncio)

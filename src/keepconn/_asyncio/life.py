@@ -42,8 +42,6 @@ class NativeLifecycle(Lifecycle[F]):
     _on_served: Callable[[NativeConnection[F], asyncio.Future[None]], None] | None = None
     #: What rations the hellos each loop turn serves (see keepconn._asyncio.gate).
     _hello_gate: HelloGate | None = None
-    #: The server's on_frame shortcut (see Server), handed to each native connection.
-    _on_frame: Callable[[Connection[F], F], bool] | None = None
 
     def start(self, sock: socket.socket, order: int) -> None:
         """Serve an accepted socket on a task of its own."""

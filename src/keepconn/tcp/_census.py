@@ -19,49 +19,16 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import NamedTuple
 
 import attrs
 
 from ._info import state_name
+from ._rows import TIMERS, CensusRow
 
 __all__ = ["Census", "CensusRow", "census"]
 
-#: /proc/net/tcp's "tr" column: which timer is pending on the socket.
-_TIMERS = {0: "off", 1: "retransmit", 2: "keepalive", 3: "timewait", 4: "probe"}
 #: /proc reports timer expiry in USER_HZ ticks, which is 100 on every Linux architecture.
 _USER_HZ = 100
-
-
-class CensusRow(NamedTuple):
-    """One TCP socket as the kernel lists it (a NamedTuple: cheap at tens of thousands)."""
-
-    #: 4 or 6.
-    family: int
-    #: The socket's own address (the server's, for a server-side socket), as text.
-    local_address: str
-    #: The socket's own port.
-    local_port: int
-    #: The peer's address ("0.0.0.0" or "::" for a listener).
-    remote_address: str
-    #: The peer's port (0 for a listener).
-    remote_port: int
-    #: Kernel state name: "ESTABLISHED", "CLOSE_WAIT", "LISTEN", ...
-    state: str
-    #: Bytes in the send queue (not yet acknowledged) or, for LISTEN, the accept backlog.
-    tx_queue: int
-    #: Bytes received but not read by the application.
-    rx_queue: int
-    #: Pending timer: "off", "retransmit", "keepalive", "timewait" or "probe" (zero window).
-    timer: str
-    #: Seconds until that timer fires (0 when off).
-    timer_expires: float
-    #: Unanswered retransmissions or probes.
-    retransmits: int
-    #: The user id that owns the socket.
-    uid: int
-    #: Socket inode (0 for sockets no process owns, such as TIME_WAIT).
-    inode: int
 
 
 @attrs.frozen
@@ -239,7 +206,7 @@ def parse_proc_net_tcp(
                 state_name(int(parts[3], 16)),
                 int(tx, 16),
                 int(rx, 16),
-                _TIMERS.get(timer, str(timer)),
+                TIMERS.get(timer, str(timer)),
                 ticks / _USER_HZ if timer else 0.0,
                 int(parts[6], 16),
                 int(parts[7]),

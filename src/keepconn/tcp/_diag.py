@@ -15,8 +15,8 @@ import socket
 import struct
 from collections.abc import Iterator
 
-from ._census import _TIMERS, CensusRow
 from ._info import state_name
+from ._rows import TIMERS, CensusRow
 
 __all__ = ["diag_rows"]
 
@@ -90,7 +90,7 @@ def diag_rows(family: int, port: int | None = None) -> list[CensusRow]:
                     # record gives its maximum backlog), its receive queue the accept backlog.
                     0 if name == "LISTEN" else wqueue,
                     rqueue,
-                    _TIMERS.get(timer, str(timer)),
+                    TIMERS.get(timer, str(timer)),
                     expires / 1000.0 if timer else 0.0,
                     retransmits,
                     uid,
