@@ -156,17 +156,22 @@ async def test_send_nowait_sends_on_the_native_transport_and_declines_elsewhere(
     assert results == [native()]
 
 
-async def test_pings_taken_by_on_frame_are_policed_as_the_handlers_are() -> None:
+@pytest.mark.parametrize("together", [False, True], ids=["apart", "in_one_write"])
+async def test_pings_taken_by_on_frame_are_policed_as_the_handlers_are(together: bool) -> None:
     # ping_received() from on_frame runs outside any task (where it is read): the rate limit
-    # still holds, on the loop's clock.
+    # still holds, on the loop's clock. In one write, the close comes in the middle of the
+    # frames on_frame is offered: the rest queue behind the end the handler is given.
     app = Shortcut()
     server = app.server(ping_rate=PingRateLimit(min_interval=0.2, max_strikes=2))
     async with anyio.create_task_group() as tasks:
         [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
         rude = await Client.connect(port)
         assert await rude.hello("rude") == b"OK"
-        for _ in range(5):
-            await rude.send(b"PING")
+        if together:
+            await rude.stream.send(b"PING\n" * 5)
+        else:
+            for _ in range(5):
+                await rude.send(b"PING")
         assert await rude.closed_by_server()
         rude_pings = CloseReason.TOO_MANY_PINGS
         await wait_for(lambda: bool(closes(app.events, rude_pings)), timeout=slack(5))

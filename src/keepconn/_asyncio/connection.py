@@ -165,17 +165,18 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             waiter = self._waiter
             # (Frames of a connection waiting in the gate are queued: reading pauses below.)
             if not self._gated and queued is None and waiter is not None and not waiter.done():
-                # The usual case (a ping): the handler waits and nothing is queued before
-                # these, so the first frame goes to it at once (unless on_frame takes it),
-                # and a queue is made only for the rest, if any.
+                # The usual case (a ping): the handler waits, nothing is queued before these:
+                # the first frame on_frame declines goes to it at once, the rest to a queue.
                 first = 0
                 if self._on_frame is not None and self._session is not None:
                     first = self._offer(frames, waiter)
-                if first < len(frames):
+                # (on_frame may have closed the connection: the waiter has its end then.)
+                if first < len(frames) and not waiter.done():
                     self._waiter = None
                     waiter.set_result(frames[first])
-                    if len(frames) > first + 1:
-                        self._queued = deque(frames[first + 1 :])
+                    first += 1
+                if first < len(frames):
+                    self._queued = deque(frames[first:] if first else frames)
             elif queued is None:
                 self._queued = deque(frames)
             else:
@@ -190,15 +191,15 @@ class NativeConnection(Connection[F], asyncio.Protocol):
     def _offer(self, frames: list[F], waiter: asyncio.Future[F]) -> int:
         """Offer ``frames`` to on_frame in order; the index of the first it declines. What it
         raises goes to the waiting handler, as the handler's own code raising would."""
-        on_frame = self._on_frame
-        assert on_frame is not None
+        on_frame = cast("Callable[[NativeConnection[F], F], bool]", self._on_frame)
         for i, frame in enumerate(frames):
             try:
                 if not on_frame(self, frame):
                     return i
             except Exception as exc:
-                self._waiter = None
-                waiter.set_exception(exc)
+                if not waiter.done():  # else the connection is closing already
+                    self._waiter = None
+                    waiter.set_exception(exc)
                 return len(frames)
         return len(frames)
 
@@ -214,9 +215,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         self._lost = exc
         break_transport_cycle(self._wire)
         self._wake()
-        drained = self._drained
-        if drained is not None and not drained.done():
-            drained.set_result(None)
+        self.resume_writing()  # a sender waiting for the buffer to drain sees the end
 
     def pause_writing(self) -> None:
         if self._drained is None or self._drained.done():
