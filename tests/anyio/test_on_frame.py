@@ -6,6 +6,9 @@ the handler, which therefore handles every kind itself."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 import anyio
 import pytest
 import sniffio
@@ -22,11 +25,23 @@ from keepconn import (
 from tests.lineapp import Client, closes, identify, wait_for
 from tests.timing import slack
 
+from .test_server_edges import server_with
+
 pytestmark = pytest.mark.anyio
 
 
 def native() -> bool:
     return sniffio.current_async_library() == "asyncio"
+
+
+@asynccontextmanager
+async def running(server: Server[bytes]) -> AsyncIterator[int]:
+    """Serve on a loopback port (yielded) for the block; shut down after it."""
+    async with anyio.create_task_group() as tasks:
+        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+        yield port
+        await server.shutdown()
+        tasks.cancel_scope.cancel()
 
 
 class Shortcut:
@@ -70,8 +85,7 @@ async def test_frames_on_frame_takes_never_reach_the_handler_and_the_others_keep
 ):
     app = Shortcut()
     server = app.server()
-    async with anyio.create_task_group() as tasks:
-        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+    async with running(server) as port:
         client = await Client.connect(port)
         assert await client.hello("dev") == b"OK"
         for i in range(5):
@@ -87,8 +101,6 @@ async def test_frames_on_frame_takes_never_reach_the_handler_and_the_others_keep
             b"ACK y",
         ]
         await client.aclose()
-        await server.shutdown()
-        tasks.cancel_scope.cancel()
     data = [b"DATA %d" % i for i in range(5)]
     if native():
         assert app.handled == [*data, b"DATA x", b"PING", b"DATA y"]
@@ -105,8 +117,7 @@ async def test_frames_on_frame_takes_never_reach_the_handler_and_the_others_keep
 async def test_what_on_frame_raises_ends_the_session_as_the_handler_raising_would() -> None:
     app = Shortcut()
     server = app.server()
-    async with anyio.create_task_group() as tasks:
-        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+    async with running(server) as port:
         other = await Client.connect(port)
         assert await other.hello("other") == b"OK"
         client = await Client.connect(port)
@@ -125,8 +136,6 @@ async def test_what_on_frame_raises_ends_the_session_as_the_handler_raising_woul
         assert await other.line() == b"PONG"
         await client.aclose()
         await other.aclose()
-        await server.shutdown()
-        tasks.cancel_scope.cancel()
 
 
 async def test_send_nowait_sends_on_the_native_transport_and_declines_elsewhere() -> None:
@@ -138,21 +147,13 @@ async def test_send_nowait_sends_on_the_native_transport_and_declines_elsewhere(
             if not results[-1]:
                 await conn.send(b"NOW\n")
 
-    server = Server(
-        identify=identify,
-        handler=handler,
-        framer=lambda: LineFramer(max_length=1024),
-        config=ServerConfig(admission=None, flapping=None),
-    )
-    async with anyio.create_task_group() as tasks:
-        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+    server = server_with(handler, ServerConfig(admission=None, flapping=None), [])
+    async with running(server) as port:
         client = await Client.connect(port)
         assert await client.hello("now") == b"OK"
         await client.send(b"DATA a")
         assert await client.line() == b"NOW"
         await client.aclose()
-        await server.shutdown()
-        tasks.cancel_scope.cancel()
     assert results == [native()]
 
 
@@ -163,8 +164,7 @@ async def test_pings_taken_by_on_frame_are_policed_as_the_handlers_are(together:
     # frames on_frame is offered: the rest queue behind the end the handler is given.
     app = Shortcut()
     server = app.server(ping_rate=PingRateLimit(min_interval=0.2, max_strikes=2))
-    async with anyio.create_task_group() as tasks:
-        [(_, port)] = await tasks.start(server.serve_tcp, "127.0.0.1", 0)
+    async with running(server) as port:
         rude = await Client.connect(port)
         assert await rude.hello("rude") == b"OK"
         if together:
@@ -178,5 +178,3 @@ async def test_pings_taken_by_on_frame_are_policed_as_the_handlers_are(together:
         if native():
             assert b"PING" in app.offered
         await rude.aclose()
-        await server.shutdown()
-        tasks.cancel_scope.cancel()
