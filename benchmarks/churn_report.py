@@ -39,6 +39,16 @@ def print_table(results: Sequence[dict[str, Any]], details: dict[str, Any], plan
             f"{cell(r['takeover_p99_ms'], 9, '.1f')} {r['cpu_s']:>7.1f} "
             f"{r['rss_mb_per_1k']:>6.2f} {r['lost_messages']:>5}"
         )
+    for r in results:
+        d = details[r["system"]]
+        slowest = ", ".join(
+            f"{x['ms']:.0f} ms at {x['t']:.1f} s" for x in d["slowest_takeovers"][:5]
+        )
+        print(
+            f"{r['system']:<10} takeover p99 ms: {cell(d['takeover_in_burst_p99_ms'], 0, '.1f')} "
+            f"in the burst ({d['takeovers_in_burst']}), "
+            f"{cell(d['takeover_outside_burst_p99_ms'], 0, '.1f')} outside; slowest: {slowest}"
+        )
     print(
         "det = seconds from a device's silence to its server socket leaving ESTABLISHED "
         "(lost devices; undet = never left); phantom = vanished devices' sockets still "

@@ -217,6 +217,20 @@ def run_system(
         acked += record["acked"]
         lost += max(0, record["acked"] - stored.get(record["id"], 0))
     takeover = [x for r in summary["per_device"] for x in r["takeover_ms"]]
+    # When each takeover began, against the churn's clock: a tail that is one stall (a full
+    # collection, the burst) shows as slow takeovers at one moment, a slow path as many spread.
+    timed = sorted(
+        (
+            (ms, at - churn_start)
+            for r in summary["per_device"]
+            for ms, at in zip(r["takeover_ms"], r.get("takeover_at", ()), strict=False)
+        ),
+        reverse=True,
+    )
+    # The burst's reboots come back 0.5-1.5 boot times later (fleet_device.Device.run).
+    burst_window = (burst_t - churn_start, burst_t - churn_start + 3.0) if burst_done else (0, 0)
+    in_burst = [ms for ms, t in timed if burst_window[0] <= t < burst_window[1]]
+    outside_burst = [ms for ms, t in timed if not burst_window[0] <= t < burst_window[1]]
     result = {
         "system": system,
         "connections": connections,
@@ -251,6 +265,10 @@ def run_system(
         "census_s_max": round_or_none(max(watcher.census_s, default=0.0), 4),
         "takeover_ms_p50": round_or_none(quantile(takeover, 0.5), 1),
         "takeovers": len(takeover),
+        "slowest_takeovers": [{"ms": ms, "t": round(t, 2)} for ms, t in timed[:20]],
+        "takeovers_in_burst": len(in_burst),
+        "takeover_in_burst_p99_ms": round_or_none(quantile(in_burst, 0.99), 1),
+        "takeover_outside_burst_p99_ms": round_or_none(quantile(outside_burst, 0.99), 1),
         "qos1_acked": acked,
         "qos1_stored": sum(stored.values()),
         "rss0_mb": round(sampler.rss0 / 2**20, 1),

@@ -101,6 +101,9 @@ class DeviceRecord:
     connects: int = 0
     connect_ms: list[float] = attrs.Factory(list)
     takeover_ms: list[float] = attrs.Factory(list)
+    #: When each takeover began (``time.monotonic()``, one clock for every process of the
+    #: machine): tells a benchmark whether its slow takeovers came together, and when.
+    takeover_at: list[float] = attrs.Factory(list)
     disconnects: Counter[str] = attrs.Factory(Counter)
     failures: Counter[str] = attrs.Factory(Counter)
     refused: Counter[int] = attrs.Factory(Counter)
@@ -122,6 +125,7 @@ class DeviceRecord:
             "connects": self.connects,
             "connect_ms": [round(x, 1) for x in self.connect_ms],
             "takeover_ms": [round(x, 1) for x in self.takeover_ms],
+            "takeover_at": [round(x, 3) for x in self.takeover_at],
             "disconnects": dict(self.disconnects),
             "failures": dict(self.failures),
             "refused": {str(k): v for k, v in self.refused.items()},
@@ -204,7 +208,11 @@ class Device:
             latency = (time.monotonic() - started) * 1000.0
             backoff.reset()
             self.record.connects += 1
-            (self.record.takeover_ms if returning else self.record.connect_ms).append(latency)
+            if returning:
+                self.record.takeover_ms.append(latency)
+                self.record.takeover_at.append(started)
+            else:
+                self.record.connect_ms.append(latency)
             self.state = "online"
             reason = await self._session(sock, decoder, early)
             self.record.disconnects[reason] += 1
