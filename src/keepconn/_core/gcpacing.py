@@ -11,8 +11,9 @@ full collections of 340-440 ms, the whole loop-lag tail.
 What. While the server accepts connections faster than :attr:`GcPacing.busy_rate`, full
 collections are held (the adapter raises CPython's generation-2 threshold; young collections
 go on as before). Once the rate has stayed below it for :attr:`GcPacing.calm` seconds, they
-are released, and CPython's own rule decides as ever, the survivors of the storm counted in:
-the collection that was due comes when the storm is over. (Not at the first quiet tick: a
+are released, and the collection the hold put off runs at once, the survivors of the storm
+counted in: it comes when the storm is over, not at whatever moment the next allocations would
+have set it off, which is the next burst of work. (Not at the first quiet tick: a
 storm paced by admission and client backoff has lulls of a fraction of a second, and a
 release in one brings the whole pending collection into the storm.) A hold lasts at most
 :attr:`GcPacing.max_hold` seconds; after a forced release no new hold starts until a full
