@@ -6,7 +6,7 @@ import pytest
 
 from tests.tlscerts import Pki, make_pki, require_openssl
 
-pytest_plugins = ["anyio", "keepconn.testing.pytest_plugin"]
+pytest_plugins = ["anyio"]
 
 
 @pytest.fixture(
