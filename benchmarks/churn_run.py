@@ -217,20 +217,17 @@ def run_system(
         acked += record["acked"]
         lost += max(0, record["acked"] - stored.get(record["id"], 0))
     takeover = [x for r in summary["per_device"] for x in r["takeover_ms"]]
-    # When each takeover began, against the churn's clock: a tail that is one stall (a full
-    # collection, the burst) shows as slow takeovers at one moment, a slow path as many spread.
+    # Each takeover with when it began (against the churn's clock) and whether a burst struck
+    # it: a tail that is one stall shows as slow takeovers at one moment, a slow path as many.
     timed = sorted(
-        (
-            (ms, at - churn_start)
-            for r in summary["per_device"]
-            for ms, at in zip(r["takeover_ms"], r.get("takeover_at", ()), strict=False)
-        ),
-        reverse=True,
+        (round(at - churn_start, 3), ms, burst)
+        for r in summary["per_device"]
+        for ms, at, burst in zip(
+            r["takeover_ms"], r["takeover_at"], r["takeover_burst"], strict=True
+        )
     )
-    # The burst's reboots come back 0.5-1.5 boot times later (fleet_device.Device.run).
-    burst_window = (burst_t - churn_start, burst_t - churn_start + 3.0) if burst_done else (0, 0)
-    in_burst = [ms for ms, t in timed if burst_window[0] <= t < burst_window[1]]
-    outside_burst = [ms for ms, t in timed if not burst_window[0] <= t < burst_window[1]]
+    in_burst = [ms for _, ms, burst in timed if burst]
+    outside_burst = [ms for _, ms, burst in timed if not burst]
     result = {
         "system": system,
         "connections": connections,
@@ -265,7 +262,11 @@ def run_system(
         "census_s_max": round_or_none(max(watcher.census_s, default=0.0), 4),
         "takeover_ms_p50": round_or_none(quantile(takeover, 0.5), 1),
         "takeovers": len(takeover),
-        "slowest_takeovers": [{"ms": ms, "t": round(t, 2)} for ms, t in timed[:20]],
+        "takeovers_timed": timed,
+        "slowest_takeovers": [
+            {"ms": ms, "t": t, "burst": burst}
+            for t, ms, burst in sorted(timed, key=lambda x: x[1], reverse=True)[:20]
+        ],
         "takeovers_in_burst": len(in_burst),
         "takeover_in_burst_p99_ms": round_or_none(quantile(in_burst, 0.99), 1),
         "takeover_outside_burst_p99_ms": round_or_none(quantile(outside_burst, 0.99), 1),

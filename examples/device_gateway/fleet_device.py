@@ -104,6 +104,9 @@ class DeviceRecord:
     #: When each takeover began (``time.monotonic()``, one clock for every process of the
     #: machine): tells a benchmark whether its slow takeovers came together, and when.
     takeover_at: list[float] = attrs.Factory(list)
+    #: Whether each takeover followed a strike of a burst (Worker.burst) rather than the
+    #: steady churn.
+    takeover_burst: list[bool] = attrs.Factory(list)
     disconnects: Counter[str] = attrs.Factory(Counter)
     failures: Counter[str] = attrs.Factory(Counter)
     refused: Counter[int] = attrs.Factory(Counter)
@@ -126,6 +129,7 @@ class DeviceRecord:
             "connect_ms": [round(x, 1) for x in self.connect_ms],
             "takeover_ms": [round(x, 1) for x in self.takeover_ms],
             "takeover_at": [round(x, 3) for x in self.takeover_at],
+            "takeover_burst": self.takeover_burst,
             "disconnects": dict(self.disconnects),
             "failures": dict(self.failures),
             "refused": {str(k): v for k, v in self.refused.items()},
@@ -172,6 +176,8 @@ class Device:
         self.state = "offline"
         #: Set by the worker to make the device die: "reboot", "loss" or "storm".
         self.fault: str | None = None
+        #: Whether the current fault came with a burst (see DeviceRecord.takeover_burst).
+        self.burst = False
         self._wait: anyio.CancelScope | None = None
         self._packet_id = 0
         # Which gateway node it talks to: spread by index, and a different one after each
@@ -179,11 +185,12 @@ class Device:
         # case a cluster exists for).
         self.record.node = index % len(worker.endpoints)
 
-    def strike(self, fault: str) -> bool:
+    def strike(self, fault: str, *, burst: bool = False) -> bool:
         """Make an online device die now (returns False if it is not online)."""
         if self.state != "online" or self.fault is not None:
             return False
         self.fault = fault
+        self.burst = burst
         if self._wait is not None:
             self._wait.cancel()
         return True
@@ -211,8 +218,10 @@ class Device:
             if returning:
                 self.record.takeover_ms.append(latency)
                 self.record.takeover_at.append(started)
+                self.record.takeover_burst.append(self.burst)
             else:
                 self.record.connect_ms.append(latency)
+            self.burst = False
             self.state = "online"
             reason = await self._session(sock, decoder, early)
             self.record.disconnects[reason] += 1

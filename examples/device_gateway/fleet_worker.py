@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import attrs
 
-from device_gateway.fleet_cells import Cell, blackhole_port, enter_netns
+from device_gateway.fleet_cells import Blackholes, Cell, enter_netns
 from device_gateway.fleet_device import Device, DeviceProfile, abort
 
 __all__ = ["DEFAULT_PER_WORKER", "Worker", "run_worker"]
@@ -82,6 +82,7 @@ class Worker:
         self.storm_gate.set()
         self.quit_event = anyio.Event()
         self.abandoned: list[_Abandoned] = []
+        self.blackholes = Blackholes()
         self.counts: Counter[str] = Counter()
         self._storm_left = 0
         self._storm_dropped = anyio.Event()
@@ -112,7 +113,7 @@ class Worker:
             return
         silenced = False
         if self.cell is not None:
-            await blackhole_port("add", port)
+            await self.blackholes.change("add", port)
             silenced = True
         # Reported only now: until the rules are in place the device could still be heard.
         self._report_vanish(fault, client_id, addr, port)
@@ -136,7 +137,7 @@ class Worker:
         """``count`` random online devices of this worker die at once with ``fault``."""
         online = [d for d in self.devices if d.state == "online" and d.fault is None]
         for device in self.rng.sample(online, min(count, len(online))):
-            device.strike(fault)
+            device.strike(fault, burst=True)
 
     async def retire_loop(self) -> None:
         """Close abandoned sockets once no correct gateway could still hold their connection."""
@@ -152,7 +153,7 @@ class Worker:
                 # a server socket that is already gone (loopback).
                 abort(item.sock)
                 if item.silenced:
-                    await blackhole_port("del", item.port)
+                    await self.blackholes.change("del", item.port)
             else:
                 keep.append(item)
         self.abandoned = keep
