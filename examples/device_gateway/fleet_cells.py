@@ -138,7 +138,7 @@ class Blackholes:
 
     Why batches. Two ``ip rule`` processes per vanishing device made a burst of 800 devices some
     1,600 process starts in a second, on a machine that also runs the server being measured:
-    every system's slowest takeovers were the ones that came during it (600-800 ms, Mosquitto's
+    every system's slowest takeovers were the ones that came during it (500-800 ms, Mosquitto's
     as much as the gateway's), a measure of the fleet, not of the servers.
     """
 
