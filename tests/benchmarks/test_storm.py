@@ -75,11 +75,11 @@ def test_quick_storm_recovers_without_phantoms_or_false_reaps(tmp_path: Path) ->
     assert report["keepconn_ok"] is True
 
     # The measurement can see phantoms: the naive gateway never closes a replaced connection
-    # whose peer went silent (its documented tutorial takeover), so every cut connection is
-    # still open after settling, and the kernel census counts exactly those.
+    # whose peer went silent (its documented tutorial takeover), so the cut connections stay
+    # open after settling, and the kernel census counts exactly those.
     naive = results["naive"]["figures"]
-    assert naive["old_connections_open_end"] == params["devices"]
-    assert naive["phantom_established_end"] == params["devices"]
+    assert naive["old_connections_open_end"] >= _most_of(params["devices"]), naive
+    assert naive["phantom_established_end"] == naive["old_connections_open_end"], naive
 
 
 def test_quick_tls_storm_against_the_naive_gateway(tmp_path: Path) -> None:
@@ -111,6 +111,14 @@ def test_quick_tls_storm_against_the_naive_gateway(tmp_path: Path) -> None:
     assert keepconn["overloaded_closes"] is not None
     assert keepconn["retry_hints"] == 0, keepconn
     assert keepconn["admission_refused"] is not None
-    # TLS changes nothing in the naive gateway's takeover: every cut connection stays open.
+    # TLS changes nothing in the naive gateway's takeover: the cut connections stay open.
     naive = results["naive"]["figures"]
-    assert naive["old_connections_open_end"] == params["devices"]
+    assert naive["old_connections_open_end"] >= _most_of(params["devices"]), naive
+
+
+def _most_of(devices: int) -> int:
+    """How many cut connections the naive gateway must still hold after settling. Not all: a
+    device whose reconnect is slow (longer than 1.5 x keepalive, 4.5 s in the quick run) still
+    has its old connection registered when a sweep comes, and that one the sweeper does close
+    (seen in CI under TLS: 12 of 1,000)."""
+    return int(devices * 0.9)
