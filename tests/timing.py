@@ -38,9 +38,9 @@ def slack(seconds: float) -> float:
 
 
 #: How much earlier than ``time.monotonic()`` an event loop's clock may end a span. uvloop's
-#: ``loop.time()`` is libuv's millisecond clock: it truncates, so a deadline ``t`` after a
-#: reading taken at 0.9 ms can fire 0.9 ms + ``t`` - 1 ms later by the monotonic clock. Seen in
-#: CI as a 0.5 s idle reap measured at 0.49983 s from the client's side.
+#: ``loop.time()`` is libuv's millisecond clock: it truncates, so a reading taken 0.9 ms into a
+#: millisecond says 0, and a deadline ``t`` after it can fire ``t`` - 0.9 ms later by the
+#: monotonic clock. Seen in CI as a 0.5 s idle reap measured at 0.49983 s from the client's side.
 CLOCK_GRAIN = 0.001
 
 
