@@ -154,6 +154,8 @@ class Device:
         "wake",
         "cut_at",
         "back_at",
+        "left_sent_at",
+        "back_idle",
         "attempts",
         "ping_timer",
         "history",
@@ -184,6 +186,10 @@ class Device:
         self.wake: asyncio.Future[str] | None = None
         self.cut_at: float | None = None
         self.back_at: float | None = None
+        #: When the device last sent anything on the connection it left in the cut, and how
+        #: long after that its new session was up (see Worker.final).
+        self.left_sent_at: float | None = None
+        self.back_idle: float | None = None
         self.attempts = 0
         self.ping_timer: asyncio.TimerHandle | None = None
         #: The last few attempts: [started, local address, stage reached, outcome, ended].
@@ -329,6 +335,8 @@ class Device:
             if self.cut_at is not None and self.back_at is None and not worker.quitting:
                 self.back_at = time.monotonic()
                 worker.back += 1
+                if self.left_sent_at is not None:
+                    self.back_idle = self.back_at - self.left_sent_at
             ended = await self.serve()
             link, self.link = self.link, None
             assert link is not None
@@ -339,6 +347,7 @@ class Device:
                 return
             if ended == "cut":
                 link.abandoned = True
+                self.left_sent_at = link.pings[-1][1] if link.pings else link.hello_sent_at
                 worker.abandoned_open += 1
                 worker.abandoned.append(link)
                 if not naive:
@@ -394,6 +403,8 @@ class Worker:
         for device in self.devices:
             device.cut_at = at
             device.back_at = None
+            device.left_sent_at = None
+            device.back_idle = None
         self.back = 0
         for device in self.devices:
             device.strike()
@@ -427,6 +438,11 @@ class Worker:
                 None if d.back_at is None or d.cut_at is None else d.back_at - d.cut_at
                 for d in self.devices
             ],
+            # Per device back, how long its old connection had been silent when the new
+            # session was up: an upper bound of the silence the server saw when the new
+            # CONNECT replaced the old one (the server read the last packet no earlier than it
+            # was sent, and answered the CONNECT before the CONNACK arrived).
+            "back_idle": [d.back_idle for d in self.devices if d.back_idle is not None],
             "attempts": sum(d.attempts for d in self.devices),
             "live_drops": self.live_drops,
             "drops": self.drops,

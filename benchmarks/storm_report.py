@@ -58,6 +58,7 @@ def table(results: list[dict[str, Any]]) -> str:
         ("phantom ESTABLISHED, settled", lambda f: show(f["phantom_established_end"])),
         ("in hello, settled (audit)", lambda f: show(f.get("in_hello_end"))),
         ("old conns still open, settled", lambda f: show(f["old_connections_open_end"])),
+        ("... replaced before a sweep could", lambda f: show(f.get("replaced_before_timeout"))),
         ("CLOSE_WAIT, peak", lambda f: show(f["close_wait_peak"])),
         ("CLOSE_WAIT, settled", lambda f: show(f["close_wait_end"])),
         ("... not yet accepted", lambda f: show(f.get("close_wait_unaccepted_end"))),

@@ -396,6 +396,13 @@ def summarise(
         "close_wait_end": last.get("close_wait"),
         "close_wait_unaccepted_end": last.get("close_wait_unaccepted"),
         "old_connections_open_end": samples[-1].get("abandoned_open") if samples else None,
+        # Devices whose new session was up within 1.5 x keepalive of the last packet they sent
+        # on the connection they left: no keepalive sweep could have closed that one before
+        # the new CONNECT replaced it, so a gateway that leaves a replaced connection open
+        # (the naive one) still holds at least these at the end.
+        "replaced_before_timeout": sum(
+            1 for f in finals for idle in f["back_idle"] if idle < 1.5 * params.keepalive
+        ),
         "phantom_established_peak": max(
             (r["phantom_established"] for r in census_rows), default=None
         ),

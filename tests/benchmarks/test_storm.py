@@ -78,7 +78,7 @@ def test_quick_storm_recovers_without_phantoms_or_false_reaps(tmp_path: Path) ->
     # whose peer went silent (its documented tutorial takeover), so the cut connections stay
     # open after settling, and the kernel census counts exactly those.
     naive = results["naive"]["figures"]
-    assert naive["old_connections_open_end"] >= _most_of(params["devices"]), naive
+    _replaced_stay_open(naive)
     assert naive["phantom_established_end"] == naive["old_connections_open_end"], naive
 
 
@@ -112,14 +112,17 @@ def test_quick_tls_storm_against_the_naive_gateway(tmp_path: Path) -> None:
     assert keepconn["retry_hints"] == 0, keepconn
     assert keepconn["admission_refused"] is not None
     # TLS changes nothing in the naive gateway's takeover: the cut connections stay open.
-    naive = results["naive"]["figures"]
-    assert naive["old_connections_open_end"] >= _most_of(params["devices"]), naive
+    _replaced_stay_open(results["naive"]["figures"])
 
 
-def _most_of(devices: int) -> int:
-    """How many cut connections the naive gateway must still hold after settling. Not all: the
-    old connection stays registered until the device's new CONNECT replaces it, and a sweep
-    that comes meanwhile closes it if the device's last ping is more than 1.5 x keepalive old
-    (4.5 s in the quick run; pings come every 3 s, so a reconnect slowed by 1.5-2 s of TLS
-    handshakes is enough). CI saw 988 and, with a core kept busy, 880 of 1,000."""
-    return devices // 2
+def _replaced_stay_open(naive: dict[str, Any]) -> None:
+    """The naive gateway still holds every cut connection that its new CONNECT replaced before
+    a sweep could close it. Not necessarily all of them: the old connection stays registered
+    until the new CONNECT comes, and a sweep in between closes it once the device's last packet
+    is 1.5 x keepalive old (4.5 s in the quick run, pings every 3 s), which a reconnect slowed
+    by TLS handshakes or a busy core reaches (CI saw 988, 880 and 381 of 1,000). The run counts
+    the devices whose new session was up before that (replaced_before_timeout): those old
+    connections no sweep could have closed."""
+    must_keep = naive["replaced_before_timeout"]
+    assert must_keep > 0, naive
+    assert naive["old_connections_open_end"] >= must_keep, naive
