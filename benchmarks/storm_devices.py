@@ -155,7 +155,6 @@ class Device:
         "cut_at",
         "back_at",
         "left_sent_at",
-        "back_idle",
         "attempts",
         "ping_timer",
         "history",
@@ -186,10 +185,8 @@ class Device:
         self.wake: asyncio.Future[str] | None = None
         self.cut_at: float | None = None
         self.back_at: float | None = None
-        #: When the device last sent anything on the connection it left in the cut, and how
-        #: long after that its new session was up (see Worker.final).
+        #: When the device last sent anything on the connection it left in the cut.
         self.left_sent_at: float | None = None
-        self.back_idle: float | None = None
         self.attempts = 0
         self.ping_timer: asyncio.TimerHandle | None = None
         #: The last few attempts: [started, local address, stage reached, outcome, ended].
@@ -335,8 +332,6 @@ class Device:
             if self.cut_at is not None and self.back_at is None and not worker.quitting:
                 self.back_at = time.monotonic()
                 worker.back += 1
-                if self.left_sent_at is not None:
-                    self.back_idle = self.back_at - self.left_sent_at
             ended = await self.serve()
             link, self.link = self.link, None
             assert link is not None
@@ -404,7 +399,6 @@ class Worker:
             device.cut_at = at
             device.back_at = None
             device.left_sent_at = None
-            device.back_idle = None
         self.back = 0
         for device in self.devices:
             device.strike()
@@ -442,7 +436,11 @@ class Worker:
             # session was up: an upper bound of the silence the server saw when the new
             # CONNECT replaced the old one (the server read the last packet no earlier than it
             # was sent, and answered the CONNECT before the CONNACK arrived).
-            "back_idle": [d.back_idle for d in self.devices if d.back_idle is not None],
+            "back_idle": [
+                d.back_at - d.left_sent_at
+                for d in self.devices
+                if d.back_at is not None and d.left_sent_at is not None
+            ],
             "attempts": sum(d.attempts for d in self.devices),
             "live_drops": self.live_drops,
             "drops": self.drops,
