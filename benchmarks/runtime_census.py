@@ -8,9 +8,11 @@ default), a fresh process as runtime.py starts it (benchmarks/runtime_servers.py
 grow to N1 idle connections and then to N2; after each ramp and a settle, the probe inside the
 server (``{"cmd": "types"}`` of benchmarks/runtime_probe.py) counts the tracked objects by type
 after a full collection. Printed per server: each type's change from N1 to N2 divided by the
-connections added (count, and ``sys.getsizeof`` bytes of the objects themselves, not of what
-they point to), largest first, and the totals. A type that changes by less than
-``--min`` objects per connection is left out (a fraction means some connections hold one).
+connections added (count; ``sys.getsizeof`` bytes of the objects themselves, not of what
+they point to; and referents, the references a full collection follows from them, which it
+pays for as much as for the objects), largest first, and the totals. A type that changes by
+less than ``--min`` per connection, in count and in referents, is left out (a fraction means
+some connections hold one).
 
 A diagnostic, not a comparison: the figures that go in the docs are runtime.py's. ``--quick``
 (200 -> 400 connections) is the test suite's smoke check. ``--json`` writes the counts.
@@ -69,25 +71,33 @@ def census(
     return found
 
 
+Row = tuple[str, float, float, float]
+
+
 def per_connection(
     found: dict[str, dict[str, list[int]]], added: int, smallest: float
-) -> list[tuple[str, float, float]]:
-    """(type, objects per connection, bytes per connection), largest count first."""
+) -> list[Row]:
+    """(type, objects, bytes, referents per connection), largest count first. A type that
+    grows in referents but not in count (a dict or list keyed by connection) is shown too."""
     rows = []
     for name in found["n1"].keys() | found["n2"].keys():
-        a = found["n1"].get(name, [0, 0])
-        b = found["n2"].get(name, [0, 0])
-        count = (b[0] - a[0]) / added
-        if abs(count) >= smallest:
-            rows.append((name, count, (b[1] - a[1]) / added))
-    rows.sort(key=lambda row: (-row[1], row[0]))
+        a = found["n1"].get(name, [0, 0, 0])
+        b = found["n2"].get(name, [0, 0, 0])
+        count, size, refs = ((b[i] - a[i]) / added for i in range(3))
+        if abs(count) >= smallest or abs(refs) >= smallest:
+            rows.append((name, count, size, refs))
+    rows.sort(key=lambda row: (-row[1], -row[3], row[0]))
     return rows
 
 
-def report(name: str, rows: list[tuple[str, float, float]], total: tuple[float, float]) -> str:
-    lines = [f"{name}: {total[0]:.1f} tracked objects, {total[1]:,.0f} B (getsizeof) per conn"]
-    for kind, count, size in rows:
-        lines.append(f"  {count:7.2f}  {size:9,.0f} B  {kind}")
+def report(name: str, rows: list[Row], total: tuple[float, ...]) -> str:
+    lines = [
+        f"{name}: {total[0]:.1f} tracked objects, {total[1]:,.0f} B (getsizeof), "
+        f"{total[2]:.1f} referents per conn"
+    ]
+    lines.append(f"  {'objects':>7}  {'bytes':>11}  {'refs':>6}  type")
+    for kind, count, size, refs in rows:
+        lines.append(f"  {count:7.2f}  {size:9,.0f} B  {refs:6.2f}  {kind}")
     return "\n".join(lines)
 
 
@@ -115,14 +125,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             total = tuple(
                 (sum(v[i] for v in found["n2"].values()) - sum(v[i] for v in found["n1"].values()))
                 / (n2 - n1)
-                for i in (0, 1)
+                for i in (0, 1, 2)
             )
-            print(report(c.name, rows, (total[0], total[1])), flush=True)
+            print(report(c.name, rows, total), flush=True)
             print(f"  ({time.monotonic() - started:.0f} s)", flush=True)
             results[c.name] = {
                 "objects_per_conn": total[0],
                 "getsizeof_per_conn": total[1],
-                "types": [{"type": k, "objects": o, "bytes": b} for k, o, b in rows],
+                "referents_per_conn": total[2],
+                "types": [
+                    {"type": k, "objects": o, "bytes": b, "referents": r} for k, o, b, r in rows
+                ],
             }
     if args.json is not None:
         write_json(args.json, {"benchmark": "runtime_census", "n1": n1, "n2": n2, **results})

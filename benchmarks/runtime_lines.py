@@ -108,7 +108,7 @@ async def _anyio_connection(stream: anyio.abc.SocketStream) -> None:
 async def serve_anyio(host: str, port: int) -> None:
     listener = await anyio.create_tcp_listener(local_host=host, local_port=port, backlog=BACKLOG)
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(runtime_probe.lag_loop, anyio.sleep)
+        tasks.start_soon(runtime_probe.lag_loop, runtime_probe.loop_sleep())
         _listening(host, listener.extra(SocketAttribute.local_port))
         await listener.serve(_anyio_connection)
 
@@ -145,7 +145,7 @@ def keepconn_server(transport: str = "auto") -> Server[bytes]:
 async def serve_keepconn(host: str, port: int, transport: str = "auto") -> None:
     server = keepconn_server(transport)
     async with anyio.create_task_group() as tasks:
-        tasks.start_soon(runtime_probe.lag_loop, anyio.sleep)
+        tasks.start_soon(runtime_probe.lag_loop, runtime_probe.loop_sleep())
         addresses = await tasks.start(server.serve_tcp, host, port)
         _listening(host, addresses[0][1])
 

@@ -12,8 +12,10 @@ starts a gateway from its ``main()`` (benchmarks/runtime_wrap.py):
 
   - ``{"cmd": "lag-reset"}``: forget the lag samples so far (the start of a window);
   - ``{"cmd": "types"}``: after a full collection, the tracked objects by type
-    (``{"types": {"module.Name": [count, bytes]}}``, bytes as ``sys.getsizeof`` says, the
-    object alone): what benchmarks/runtime_census.py compares at two sizes;
+    (``{"types": {"module.Name": [count, bytes, referents]}}``, bytes as ``sys.getsizeof``
+    says, the object alone; referents the references a collection follows from them, what
+    it pays for beside the objects themselves): what benchmarks/runtime_census.py compares
+    at two sizes;
   - ``{"cmd": "sample"}``: ``{"rss": bytes, "objects": len(gc.get_objects()), "gc_ms": ...,
     "lag": {"n", "p50_ms", "p99_ms", "max_ms"}}``. The lag figures are those since the last
     reset, read first; then one untimed ``gc.collect()`` clears the garbage the last phase
@@ -27,6 +29,7 @@ collection the server ran itself would; a lag window never spans a sample.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import gc
 import json
@@ -39,7 +42,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-__all__ = ["CONTROL_ENV", "LAG_STEP", "lag_loop", "start_control", "start_from_env"]
+__all__ = [
+    "CONTROL_ENV",
+    "LAG_STEP",
+    "lag_loop",
+    "loop_sleep",
+    "start_control",
+    "start_from_env",
+]
 
 #: The environment variable giving the control port to a server started by the benchmark.
 CONTROL_ENV = "KEEPCONN_RUNTIME_CONTROL"
@@ -85,13 +95,30 @@ def lag_stats() -> dict[str, Any]:
 async def lag_loop(sleep: Callable[[float], Awaitable[Any]]) -> None:
     """Sleep ``LAG_STEP`` in a loop on the server's event loop, recording each overshoot.
 
-    ``sleep`` is the loop's own (asyncio.sleep, or anyio.sleep on asyncio, uvloop or trio)."""
+    ``sleep`` is the loop's own: asyncio.sleep, or :func:`loop_sleep` in a server on anyio."""
     clock = time.monotonic
     end = clock() + LIFETIME
     while clock() < end:
         started = clock()
         await sleep(LAG_STEP)
         _lag.append(max(0.0, clock() - started - LAG_STEP))
+
+
+def loop_sleep() -> Callable[[float], Awaitable[Any]]:
+    """The running event loop's own sleep, for :func:`lag_loop` in a server on anyio:
+    asyncio's on asyncio and uvloop, anyio's (trio's) elsewhere.
+
+    The instrument must cost every server the same. ``anyio.sleep`` asks sniffio for the
+    backend at every call: 20-35 us more per wake-up than ``asyncio.sleep`` on the benchmark's
+    machine (30 s at 50 wake-ups a second, ``time.process_time()``), which at the probe's 50
+    wake-ups a second charged a server on anyio 1 ms of CPU a second more than one on plain
+    asyncio, counted as the cost of its pings."""
+    import anyio
+    import sniffio
+
+    if sniffio.current_async_library() == "asyncio":
+        return asyncio.sleep
+    return anyio.sleep
 
 
 def sample() -> dict[str, Any]:
@@ -113,7 +140,8 @@ def sample() -> dict[str, Any]:
 
 
 def types() -> dict[str, list[int]]:
-    """The tracked objects after a full collection, by type: ``{name: [count, bytes]}``."""
+    """The tracked objects after a full collection, by type: ``{name: [count, bytes,
+    referents]}``."""
     gc.collect()
     found: dict[str, list[int]] = {}
     for obj in gc.get_objects():
@@ -121,9 +149,10 @@ def types() -> dict[str, list[int]]:
         name = f"{kind.__module__}.{kind.__qualname__}"
         entry = found.get(name)
         if entry is None:
-            entry = found[name] = [0, 0]
+            entry = found[name] = [0, 0, 0]
         entry[0] += 1
         entry[1] += sys.getsizeof(obj)
+        entry[2] += len(gc.get_referents(obj))
     return found
 
 

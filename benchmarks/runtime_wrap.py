@@ -28,10 +28,11 @@ import runtime_probe
 def _anyio_probed(
     run: Callable[[argparse.Namespace], Awaitable[int]],
 ) -> Callable[[argparse.Namespace], Awaitable[int]]:
-    # The gateway runs on asyncio, uvloop or trio (its --backend): the lag task is anyio's.
+    # The gateway runs on asyncio, uvloop or trio (its --backend): the lag task is anyio's,
+    # sleeping with the loop's own sleep (see runtime_probe.loop_sleep).
     async def run_probed(args: argparse.Namespace) -> int:
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(runtime_probe.lag_loop, anyio.sleep)
+            tasks.start_soon(runtime_probe.lag_loop, runtime_probe.loop_sleep())
             try:
                 return await run(args)
             finally:

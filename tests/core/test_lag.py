@@ -109,7 +109,7 @@ def test_off_means_no_gauge_and_no_refusal() -> None:
 
 def test_the_defaults_shed_at_one_second() -> None:
     config = AdmissionConfig()
-    assert (config.max_loop_lag, config.lag_probe_interval) == (1.0, 0.1)
+    assert (config.max_loop_lag, config.lag_probe_interval) == (1.0, 0.25)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
-"""Background tasks that watch a server from the side: the loop-lag probe admission sheds load
-on (the server runs it while ``max_loop_lag`` is set), the pacing of full garbage collections
-(while ``gc_pacing`` is set), and the opt-in ones ``keepconn.metrics`` runs.
+"""Background tasks that watch a server from the side: the opt-in ones ``keepconn.metrics``
+runs. (The loop-lag samples admission sheds load on, and GC pacing, ride the server's own
+timer: :mod:`.upkeep`.)
 
 Each is one cheap loop on the event loop: they add nothing to a connection's path, and they
 exist only when started.
@@ -8,7 +8,6 @@ exist only when started.
 
 from __future__ import annotations
 
-import gc
 import logging
 from collections.abc import Awaitable, Callable
 from typing import NoReturn
@@ -16,10 +15,8 @@ from typing import NoReturn
 import anyio
 
 from .._core.events import SocketAudit
-from .._core.gcpacing import CollectionPacer
-from .._core.lag import LagGauge
 
-__all__ = ["audit_forever", "feed_lag_forever", "pace_collections_forever", "sample_lag_forever"]
+__all__ = ["audit_forever", "sample_lag_forever"]
 
 logger = logging.getLogger("keepconn.server")
 
@@ -35,51 +32,6 @@ async def sample_lag_forever(record: Callable[[float], None], interval: float) -
         await anyio.sleep(interval)
         # asyncio may run a timer up to its clock resolution early; that is no lag.
         record(max(0.0, anyio.current_time() - asleep - interval))
-
-
-async def feed_lag_forever(gauge: LagGauge) -> NoReturn:
-    """Wake when ``gauge`` says and tell it when we did: the core judges how late that was."""
-    gauge.start(anyio.current_time())
-    while True:
-        await anyio.sleep_until(gauge.next_deadline())
-        gauge.tick(anyio.current_time())
-
-
-#: CPython's generation-2 threshold while full collections are held: never reached. (It counts
-#: generation-1 collections since the last full one; young collections go on as before.)
-_HELD = 1 << 30
-
-
-async def pace_collections_forever(pacer: CollectionPacer, accepted: Callable[[], int]) -> NoReturn:
-    """Tick ``pacer`` with the server's accept count (``accepted()``) and hold or release the
-    collector's full collections as it says. When this ends, CPython's own threshold is back."""
-    normal = gc.get_threshold()[2]
-    held = False
-    try:
-        while True:
-            await anyio.sleep(pacer.config.interval)
-            full = gc.get_stats()[2]["collections"]
-            hold = pacer.tick(anyio.current_time(), accepted(), full)
-            if hold == held:
-                continue
-            held = hold
-            # Only the generation-2 threshold is ours, and only while held: whatever the
-            # application set before a hold is what the release restores.
-            young_0, young_1, old = gc.get_threshold()
-            if hold:
-                normal = old
-            gc.set_threshold(young_0, young_1, _HELD if hold else normal)
-            if not hold and gc.isenabled() and normal and gc.get_count()[2] > normal:
-                # The hold put off a full collection. Left to CPython it would run at the next
-                # allocation past the young threshold: the next burst of work, the worst
-                # moment (seen in the churn benchmark: 1.2 s, right as a burst of reboots
-                # began, 18 s after the release). Now is the quiet the pacer waited for.
-                # (Never where the application has turned full collections off.)
-                gc.collect()
-    finally:
-        pacer.stop(anyio.current_time())
-        if held:
-            gc.set_threshold(*gc.get_threshold()[:2], normal)
 
 
 async def audit_forever(

@@ -4,7 +4,8 @@ This adapter owns the sockets, tasks and the clock; every decision about time an
 lives in the sans-I/O core (:class:`SessionRegistry`, :class:`Gatekeeper`, :class:`Pinger`,
 :class:`PingPolicer`). One code path serves asyncio, uvloop and trio through anyio. The jobs are
 split by module: :mod:`.accept` (the accept loop and its errno policy), :mod:`.life` (one
-connection from accept to close), :mod:`.reaper`, :mod:`.shutdown`; this one wires them.
+connection from accept to close), :mod:`.upkeep` (the one timer of the reaper, the loop-lag
+probe and GC pacing), :mod:`.shutdown`; this one wires them.
 """
 
 from __future__ import annotations
@@ -37,15 +38,15 @@ from .._core.gcpacing import CollectionPacer
 from .._core.opening import Gatekeeper
 from .._core.reasons import CloseReason
 from .._core.registry import Session, SessionRegistry
+from .._core.upkeep import Upkeep
 from .accept import accept_forever, connection_tasks
 from .audit import audit_sockets
 from .cluster import ClusterNode, ClusterStore
 from .connection import Connection
 from .life import Refuse
-from .probes import feed_lag_forever, pace_collections_forever
-from .reaper import reap_forever
 from .shutdown import drain
 from .tls import check_server_context
+from .upkeep import upkeep_forever
 
 __all__ = ["Server"]
 
@@ -234,17 +235,8 @@ class Server(Generic[F]):
         config = self.config
         try:
             async with anyio.create_task_group() as tasks:
-                tasks.start_soon(self._reap, name="keepconn reaper")
-                gauge = None if self.admission is None else self.admission.lag_gauge
-                if gauge is not None:
-                    tasks.start_soon(feed_lag_forever, gauge, name="keepconn lag probe")
-                if self._gc_pacer is not None:
-                    tasks.start_soon(
-                        pace_collections_forever,
-                        self._gc_pacer,
-                        self._accepts,
-                        name="keepconn gc pacing",
-                    )
+                # The reaper, the loop-lag probe and the GC pacer share one timer.
+                tasks.start_soon(self._upkeep, name="keepconn upkeep")
                 if self._cluster is not None:
                     await tasks.start(self._cluster.run, name="keepconn cluster")
                 for listener in self._listeners:
@@ -318,7 +310,7 @@ class Server(Generic[F]):
                 await self._lives.idle.wait()
             raise
 
-    async def _reap(self) -> None:
+    async def _upkeep(self) -> None:
         lives = self._lives
 
         def expired(session: Session, now: float) -> None:
@@ -329,8 +321,14 @@ class Server(Generic[F]):
             # socket is closed (which a graceful timeout_close puts off by close_grace).
             self._emit(SessionReaped(session.key, conn.peer, now - session.deadline))
 
-        await reap_forever(
-            self.registry, self.config.reap_batch, spare=lives.spare, expired=expired
+        gauge = None if self.admission is None else self.admission.lag_gauge
+        upkeep = Upkeep(self.registry, gauge, self._gc_pacer)
+        await upkeep_forever(
+            upkeep,
+            self.config.reap_batch,
+            spare=lives.spare,
+            expired=expired,
+            accepted=self._accepts,
         )
 
     # -- observability

@@ -168,16 +168,18 @@ class AdmissionConfig:
       handshake and hello. Measured: a TLS storm of 15,000 devices (10 s connect timeout) on
       2 cores accepted 78,463 connections to bring 14,998 back, most of them for devices that
       had given up, while the event loop's lag stayed at 1.4 ms p50.
-    * ``max_loop_lag=1.0`` s, probed every 0.1 s: a healthy server's loop runs milliseconds
-      behind (the design target is tens of milliseconds at 15,000 connections), so a second is
-      never reached in ordinary operation; in a storm it is (a TLS storm of 15,000 devices on
-      2 cores measured 9.7 s at p99 without it), and then each connection admitted only adds
-      to every live session's delay. Refusing while behind is what Node's ``toobusy`` and
-      fastify's ``under-pressure`` (``maxEventLoopDelay``) do for HTTP. Under TLS it is also
-      the handshake limit: handshake CPU is what makes the loop fall behind, and unlike a cap
-      on handshakes in progress it needs no number per machine or key type, and never holds
-      the door for stalled handshakes (which cost no CPU). The probe's wake-ups are 10 a
-      second, nothing next to the traffic of a server that has connections to lose.
+    * ``max_loop_lag=1.0`` s, sampled at least every 0.25 s: a healthy server's loop runs
+      milliseconds behind (the design target is tens of milliseconds at 15,000 connections),
+      so a second is never reached in ordinary operation; in a storm it is (a TLS storm of
+      15,000 devices on 2 cores measured 9.7 s at p99 without it), and then each connection
+      admitted only adds to every live session's delay. Refusing while behind is what Node's
+      ``toobusy`` and fastify's ``under-pressure`` (``maxEventLoopDelay``) do for HTTP. Under
+      TLS it is also the handshake limit: handshake CPU is what makes the loop fall behind,
+      and unlike a cap on handshakes in progress it needs no number per machine or key type,
+      and never holds the door for stalled handshakes (which cost no CPU). The samples are
+      the wake-ups of the server's one timer, which wakes for the reaper anyway (every 0.25 s
+      by default): a quarter of the limit between two samples, and a stall longer than that
+      is counted while it lasts (see LagGauge.lag).
     * ``max_sessions=None``: no cap fits every deployment, and the descriptor limit (which the
       accept loop survives) is the natural one. Set it to keep headroom below that limit.
     * Retry-after hints between 1 s and 30 s, jittered by 10 %: long enough that a refused device
@@ -190,8 +192,9 @@ class AdmissionConfig:
     #: Refuse new connections at accept while the event loop is more than this many seconds
     #: behind its schedule (load shedding); None: never.
     max_loop_lag: float | None = attrs.field(default=1.0, validator=number(optional=True))
-    #: Seconds between two wake-ups of the loop-lag probe (which runs only with max_loop_lag).
-    lag_probe_interval: float = attrs.field(default=0.1, validator=number(maximum=10.0))
+    #: Longest gap in seconds between two samples of the loop's lag (taken only with
+    #: max_loop_lag), at the wake-ups of the server's timer; the default is the reaper's.
+    lag_probe_interval: float = attrs.field(default=0.25, validator=number(maximum=10.0))
     #: Most live sessions; new identities beyond it are refused (takeovers never are).
     max_sessions: int | None = attrs.field(
         default=None, validator=number(minimum=1, min_inclusive=True, integer=True, optional=True)

@@ -8,8 +8,8 @@ suffers too.
 Why this and not a count: what a storm exhausts on one event loop is the loop's time, whatever
 spends it (TLS handshakes, hellos, takeovers, a slow ``identify``, the garbage collector). A
 cap on handshakes in progress measures it only by proxy, with a number that depends on the
-machine, the key type and what else the loop does. The lag is the thing itself, and it costs a
-wake-up a tenth of a second.
+machine, the key type and what else the loop does. The lag is the thing itself, and it costs no
+wake-up of its own: the server's one timer (:mod:`keepconn._core.upkeep`) is the probe.
 
 While the loop is stuck the probe cannot run to report it, so :meth:`LagGauge.lag` counts an
 overdue wake-up as lag already: a connection accepted right after a stall is judged by the
@@ -46,6 +46,12 @@ class LagGauge:
     def start(self, now: float) -> None:
         """The probe starts: its first wake-up is due ``interval`` from ``now``."""
         self._due = now + self.interval
+
+    def expect(self, at: float) -> None:
+        """The probe means to wake at ``at``, sooner than :meth:`next_deadline` (a timer it
+        shares with other work): its lateness is measured from then."""
+        if at < self._due:
+            self._due = at
 
     def tick(self, now: float) -> float:
         """The probe woke at ``now``: returns how late it was (0 if on time or early)."""
