@@ -32,14 +32,16 @@ async def reset_or_eof(client: Client, timeout: float) -> str:
 async def hello_from(
     port: int,
     clients: list[Client],
-    ports: dict[Client, int],
+    ports: dict[Client, tuple[int, int]],
     answers: list[bytes],
     identity: str = "shared",
 ) -> None:
-    """One device's hello for ``identity`` on ``port``, recorded in the lists."""
+    """One device's hello for ``identity`` on ``port``, recorded in the lists (``ports``: the
+    server's port and the client's own, which alone may repeat across nodes: the kernel gives
+    connections to different addresses the same local port when it likes)."""
     client = await Client.connect(port)
     clients.append(client)
-    ports[client] = client.local_port()
+    ports[client] = (port, client.local_port())
     try:
         answers.append(await client.hello(identity))
     except (anyio.BrokenResourceError, anyio.EndOfStream, TimeoutError):
@@ -102,7 +104,7 @@ async def test_exactly_one_winner_among_concurrent_hellos_across_nodes(
         for round_ in range(3):
             identity = f"shared-{round_}"
             clients: list[Client] = []
-            ports: dict[Client, int] = {}
+            ports: dict[Client, tuple[int, int]] = {}
             answers: list[bytes] = []
 
             with anyio.fail_after(slack(20)):
@@ -121,11 +123,12 @@ async def test_exactly_one_winner_among_concurrent_hellos_across_nodes(
             assert owner is not None and owner.split("\t")[1] == live[0][0]
             assert answers.count(b"OK") >= 1
             # Every other client's connection was closed by its server; the winner's is open.
-            winner_port = live[0][1].peer[1]
+            [winner_node] = [n for n in nodes if n.name == live[0][0]]
+            winner_at = (winner_node.port, live[0][1].peer[1])
             for client in clients:
-                if ports[client] != winner_port:
+                if ports[client] != winner_at:
                     assert await client.closed_by_server(slack(2))
-            [winner] = [c for c in clients if ports[c] == winner_port]
+            [winner] = [c for c in clients if ports[c] == winner_at]
             await winner.send(b"DATA won")
             assert await winner.line() == b"ACK won"
             for client in clients:
