@@ -63,9 +63,15 @@ class Node:
             *extra,
         ]
         self._log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
-        self.proc, _ = start_listening(
-            self.argv, stderr=self._log, timeout=30.0, what=f"gateway {name}"
-        )
+        try:
+            self.proc, _ = start_listening(
+                self.argv, stderr=self._log, timeout=30.0, what=f"gateway {name}"
+            )
+        except RuntimeError as exc:
+            # The log lives in a temporary directory, gone by the time anyone reads the error.
+            self._log.close()
+            tail = "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+            raise RuntimeError(f"{exc}; its log ends:\n{tail}") from exc
 
     @property
     def pid(self) -> int:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -51,8 +52,36 @@ NAIVE_GATEWAY = ROOT / "benchmarks" / "naive_gateway.py"
 # Ports and processes. Every process a benchmark starts is ended by its pid in a finally block.
 
 
+#: Lowest port free_port picks (it picks below the kernel's ephemeral range).
+LOWEST_FREE_PORT = 10000
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port of ``host`` that nothing is bound to now (the kernel's pick for port 0)."""
+    """A TCP port of ``host`` that nothing is bound to now, for a server started next.
+
+    Picked below the kernel's ephemeral range, not as the kernel's pick for port 0: that range
+    is also where every outgoing connection gets its source port, so a port chosen there can be
+    taken by any connection made before the server binds it (a cluster node's connections to
+    Redis, say), and the server then cannot listen. Falls back on the kernel's pick when
+    nothing below the range is free."""
+    low = _ephemeral_low()
+    rng = random.SystemRandom()
+    for _ in range(100 if low > LOWEST_FREE_PORT else 0):
+        port = rng.randrange(LOWEST_FREE_PORT, low)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
