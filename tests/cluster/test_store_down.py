@@ -131,15 +131,36 @@ async def test_a_store_gone_longer_than_the_lease_closes_sessions_ownership_lost
         refused = await Client.connect(nodes[0].port)
         assert await refused.hello("newcomer") == b"BUSY"
         await refused.aclose()
-        # The store comes back (empty): every node serves again.
+        # The store comes back (empty): every node serves again, at once or after a refusal
+        # or two with a retry hint (CI saw one BUSY on trio right after store_healthy: the
+        # hello's claim can meet a connection to the store that the restart broke, or the
+        # lease the restart emptied, before the renewal has set it again).
         redis_server.start()
         await wait_for(lambda: all(healthy(n) for n in nodes))
         for node in nodes:
-            back = await Client.connect(node.port)
-            assert await back.hello(f"back-{node.name}") == b"OK"
-            await back.aclose()
+            answers = await _hello_until_ok(node, f"back-{node.name}", slack(2))
+            assert answers[-1] == b"OK", (answers, _refusals(node))
         for client in devices.values():
             await client.aclose()
+
+
+async def _hello_until_ok(node: Node, identity: str, within: float) -> list[bytes]:
+    """Say hello as ``identity`` to ``node`` until it answers OK or ``within`` seconds pass,
+    a tenth of a second between tries; the answers."""
+    answers: list[bytes] = []
+    end = anyio.current_time() + within
+    while not answers or (answers[-1] != b"OK" and anyio.current_time() < end):
+        if answers:
+            await anyio.sleep(0.1)
+        client = await Client.connect(node.port)
+        answers.append(await client.hello(identity))
+        await client.aclose()
+    return answers
+
+
+def _refusals(node: Node) -> list[str]:
+    """The details of the node's OVERLOADED closes: why hellos were refused."""
+    return [e.detail for e in closes(node.events, CloseReason.OVERLOADED)]
 
 
 def _close_times(nodes: list[Node]) -> list[float]:
