@@ -16,12 +16,17 @@ starts a gateway from its ``main()`` (benchmarks/runtime_wrap.py):
     says, the object alone; referents the references a collection follows from them, what
     it pays for beside the objects themselves): what benchmarks/runtime_census.py compares
     at two sizes;
-  - ``{"cmd": "sample"}``: ``{"rss": bytes, "objects": len(gc.get_objects()), "gc_ms": ...,
-    "lag": {"n", "p50_ms", "p99_ms", "max_ms"}}``. The lag figures are those since the last
-    reset, read first; then one untimed ``gc.collect()`` clears the garbage the last phase
-    left, ``GC_TIMED`` more full collections are timed (the median is ``gc_ms``: the cost of a
-    full collection of the live heap), and only then are the tracked objects counted and the
-    RSS read, so two samples compare live objects, never garbage that was waiting.
+  - ``{"cmd": "sample"}``: ``{"rss": bytes, "objects": ..., "frozen": ..., "gc_ms": ...,
+    "lag": {"n", "p50_ms", "p99_ms", "max_ms"}}``. ``objects`` counts every tracked object,
+    ``len(gc.get_objects())`` and the frozen ones (``gc.get_freeze_count()``, which
+    ``gc.get_objects()`` leaves out) alike: the example gateway freezes what survives a burst
+    of connections (``GcPacing.freeze``), and its objects must not vanish from the count for
+    that. ``frozen`` says how many of them no collection walks. The lag figures are those
+    since the last reset, read first; then one untimed ``gc.collect()`` clears the garbage the
+    last phase left, ``GC_TIMED`` more full collections are timed (the median is ``gc_ms``: the
+    cost of a full collection of the live heap, frozen objects aside), and only then are the
+    tracked objects counted and the RSS read, so two samples compare live objects, never
+    garbage that was waiting.
 
 The thread holds the GIL while it collects or counts, which stalls the loop exactly as a
 collection the server ran itself would; a lag window never spans a sample.
@@ -130,10 +135,12 @@ def sample() -> dict[str, Any]:
         started = time.perf_counter()
         gc.collect()
         times.append(1000.0 * (time.perf_counter() - started))
-    objects = len(gc.get_objects())
+    frozen = gc.get_freeze_count()
+    objects = len(gc.get_objects()) + frozen
     return {
         "rss": _rss(),
         "objects": objects,
+        "frozen": frozen,
         "gc_ms": round(sorted(times)[len(times) // 2], 3),
         "lag": lag,
     }
@@ -143,8 +150,16 @@ def types() -> dict[str, list[int]]:
     """The tracked objects after a full collection, by type: ``{name: [count, bytes,
     referents]}``."""
     gc.collect()
+    frozen = gc.get_freeze_count()
+    if frozen:
+        # gc.get_objects() does not list frozen objects; thawed for the count, they are frozen
+        # again after it, with the few survivors that were not (the census changes no more).
+        gc.unfreeze()
     found: dict[str, list[int]] = {}
-    for obj in gc.get_objects():
+    objects = gc.get_objects()
+    if frozen:
+        gc.freeze()
+    for obj in objects:
         kind = type(obj)
         name = f"{kind.__module__}.{kind.__qualname__}"
         entry = found.get(name)

@@ -53,13 +53,17 @@ def table(results: Sequence[dict[str, Any]], n1: int, n2: int) -> str:
     notes = [
         "",
         f"per connection: the change from {n1:,} to {n2:,} idle connections / the difference;",
-        "objects: len(gc.get_objects()) after a full collection, inside the server;",
+        "objects: tracked objects after a full collection, inside the server, frozen ones too;",
+        "gc.collect: a full collection, which walks no frozen object;",
         f"CPU: the server's user+system seconds over the window at {n2:,}, per 1,000 pings;",
         "loop lag: overshoot of a 20 ms sleep on the server's loop; (client rtt): PING round",
         "trip measured by the clients, for a server with no probe inside;",
         "takeover: CONNECT -> CONNACK of rebooted devices, the old connection left silent.",
     ]
     for r in results:
+        frozen = r["figures"].get("frozen_n2")
+        if frozen:
+            notes.append(f"note [{r['name']}]: {frozen:,} of its objects at {n2:,} frozen")
         for note in r["notes"]:
             notes.append(f"note [{r['name']}]: {note}")
     return grid(HEADER, body) + "\n" + "\n".join(notes)

@@ -80,12 +80,13 @@ def _up(answers: list[dict[str, Any]]) -> int:
 
 def _sample(server: ServerProcess) -> dict[str, Any]:
     if not server.contender.python:
-        return {"rss": server.rss(), "objects": None, "gc_ms": None}
+        return {"rss": server.rss(), "objects": None, "frozen": None, "gc_ms": None}
     answer = server.ask("sample")
     return {
         "rss": answer["rss"],
         "rss_psutil": server.rss(),
         "objects": answer["objects"],
+        "frozen": answer["frozen"],
         "gc_ms": answer["gc_ms"],
     }
 
@@ -224,6 +225,9 @@ def figures(c: Contender, sized: dict[str, Any], took: dict[str, Any] | None) ->
         "objects_per_conn": _per_conn(s1["objects"], s2["objects"], added),
         "cpu_s_per_1k_pings": cpu_per_1k,
         "gc_ms_n2": s2["gc_ms"],
+        # Of the objects at N2, those frozen (GcPacing.freeze): counted above, walked by no
+        # collection, so not in gc_ms_n2.
+        "frozen_n2": s2["frozen"],
         "rss_n2_mb": round(s2["rss"] / 2**20, 1),
         "lag_p50_ms": lag.get("p50_ms"),
         "lag_p99_ms": lag.get("p99_ms"),

@@ -136,10 +136,19 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
         admission=admission,
         flapping=flapping,
         shutdown_grace=args.shutdown_grace,
-        # Full collections of 15,000 connections' objects stall the loop for 0.3-0.4 s each,
-        # and a storm sets off one every second or two: they wait until the storm is over.
-        gc_pacing=None if args.no_gc_pacing else GcPacing(),
+        gc_pacing=None if args.no_gc_pacing else gc_pacing(args),
     )
+
+
+def gc_pacing(args: argparse.Namespace) -> GcPacing:
+    """Full collections of 15,000 connections' objects stall the loop for 0.3-0.4 s each,
+    and a storm sets off one every second or two: they wait until the storm is over. And then
+    the survivors are frozen rather than walked, as a storm's tail of late devices would meet
+    that collection too; but only where a closed session is freed by reference counting
+    (plain TCP on asyncio and uvloop, tested): elsewhere frozen garbage cycles would be kept
+    until the thaw."""
+    native = not args.tls_cert and args.backend in ("asyncio", "uvloop")
+    return GcPacing(freeze=native and not args.gc_collect)
 
 
 def cluster_of(args: argparse.Namespace) -> RedisCluster | None:

@@ -188,7 +188,7 @@ class Decoder:
         holds only for bytes that have been offered to the parser.
         """
         if self._error is not None:
-            raise self._error
+            raise self._failed()
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
@@ -197,15 +197,25 @@ class Decoder:
     def next_packet(self) -> Packet | None:
         """Parse and return the next complete packet, or None until more bytes arrive."""
         if self._error is not None:
-            raise self._error
+            raise self._failed()
         try:
             return self._next_packet()
         except MQTTProtocolError as exc:
-            self._error = exc
+            # Kept without the traceback, and never raised itself: an error raised here holds
+            # this decoder's frames, and held by the decoder it would make a reference cycle,
+            # garbage that only a full collection frees (or none, once the gateway has frozen
+            # it with the survivors of a storm).
+            self._error = MQTTProtocolError(exc.reason, connack_code=exc.connack_code)
             # The connection is finished; let go of whatever the peer made us hold.
             self._buf = bytearray()
             self._pos = 0
             raise
+
+    def _failed(self) -> MQTTProtocolError:
+        """What a call after the failure raises: a fresh copy of the error."""
+        error = self._error
+        assert error is not None
+        return MQTTProtocolError(error.reason, connack_code=error.connack_code)
 
     def _next_packet(self) -> Packet | None:
         buf = self._buf

@@ -108,6 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="let full garbage collections run in reconnect storms too",
     )
+    p.add_argument(
+        "--gc-collect",
+        action="store_true",
+        help="end a storm's hold with a full garbage collection instead of freezing its survivors",
+    )
     p.add_argument("--flap-max-hellos", type=pos_i, default=15, help="CONNECTs per window")
     p.add_argument("--flap-window", type=pos_f, default=60.0, help="flapping window, s")
     p.add_argument("--flap-ban", type=pos_f, default=300.0, help="flapping ban, s")

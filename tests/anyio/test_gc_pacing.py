@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import anyio
+import attrs
 import pytest
 
 from keepconn import GcPacing, ServerConfig
@@ -102,6 +103,64 @@ async def test_a_burst_holds_full_collections_and_its_end_releases_them() -> Non
             assert len(seen) > before, "the release did not run the collection put off"
         stats = server.stats().gc_pacing
         assert stats is not None and stats.holds >= 1 and stats.held_seconds > 0
+        del kept
+
+
+async def burst_until_released(server: Any, port: int) -> list[list[int]]:
+    """400 connections at 200 a second while the collector's survivors grow: a hold, then
+    its release once the burst is over. Returns the survivors."""
+    stop = threading.Event()
+    clients = threading.Thread(target=connect_steadily, args=(port, 400, 200.0, stop))
+    clients.start()
+
+    def holding() -> bool:
+        stats = server.stats().gc_pacing
+        return stats is not None and stats.holding
+
+    try:
+        await wait_for(holding, timeout=slack(5))
+        kept = await grow_long_lived(200_000)
+    finally:
+        stop.set()
+        clients.join()
+    await wait_for(lambda: not holding(), timeout=slack(5))
+    return kept
+
+
+async def test_with_freeze_a_release_freezes_the_survivors_and_the_stop_thaws_them() -> None:
+    assert gc.get_freeze_count() == 0
+    pacing = attrs.evolve(PACING, freeze=True)
+    config = ServerConfig(admission=None, flapping=None, gc_pacing=pacing)
+    async with serving(config) as (server, port):
+        with full_collections() as seen:
+            kept = await burst_until_released(server, port)
+            # The collection the hold put off did not run: what survived is frozen instead,
+            # where no collection walks it.
+            assert not seen, "the release ran a full collection"
+            assert gc.get_freeze_count() > 200_000
+            stats = server.stats().gc_pacing
+            assert stats is not None and (stats.freezes, stats.thaws) == (1, 0)
+            # CPython still owes its full collection; it now walks only what came after.
+            gc.collect()
+            assert gc.get_freeze_count() > 200_000
+            # Freed by reference counting, frozen objects leave the permanent generation.
+            frozen = gc.get_freeze_count()
+            del kept
+            assert gc.get_freeze_count() <= frozen - 200_000
+    # The server stopped: what it froze is back with CPython's oldest generation.
+    assert gc.get_freeze_count() == 0
+
+
+async def test_with_freeze_a_release_after_thaw_after_thaws_and_collects() -> None:
+    pacing = attrs.evolve(PACING, freeze=True, thaw_after=0.001)
+    config = ServerConfig(admission=None, flapping=None, gc_pacing=pacing)
+    async with serving(config) as (server, port):
+        with full_collections() as seen:
+            kept = await burst_until_released(server, port)
+            assert seen, "the thaw did not run the full collection"
+        assert gc.get_freeze_count() == 0
+        stats = server.stats().gc_pacing
+        assert stats is not None and (stats.freezes, stats.thaws) == (0, 1)
         del kept
 
 

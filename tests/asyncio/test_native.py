@@ -235,7 +235,7 @@ async def test_an_answer_to_a_received_frame_keeps_the_turn_and_a_second_send_yi
 
 
 @NATIVE_BACKENDS
-@pytest.mark.parametrize("ending", ["peer_closed", "taken_over", "refused"])
+@pytest.mark.parametrize("ending", ["peer_closed", "taken_over", "refused", "malformed"])
 async def test_a_finished_connection_is_freed_without_the_cyclic_collector(ending: str) -> None:
     # Every closed connection used to stay behind as a reference cycle (asyncio's transport
     # holds a bound method of its own; the connection, its task and the task's exception hold
@@ -254,10 +254,15 @@ async def test_a_finished_connection_is_freed_without_the_cyclic_collector(endin
                     sock = socket.create_connection(("127.0.0.1", port))
                     name = b"same" if ending == "taken_over" else b"d%d" % i
                     sock.sendall(b"HELLO " + name + b" secret\n")
+                    if ending == "malformed":
+                        sock.sendall(b"x" * 2000)  # a line over the framer's 1,024 bytes
                     clients.append(sock)
                 stats = server.stats
                 if ending == "taken_over":
                     await wait_for(lambda: stats().takeovers == count - 1, timeout=slack(10))
+                elif ending == "malformed":
+                    bad = CloseReason.PROTOCOL_ERROR
+                    await wait_for(lambda: stats().closed[bad] == count, timeout=slack(10))
                 elif ending == "refused":
                     refused = CloseReason.OVERLOADED
                     await wait_for(lambda: stats().closed[refused] == count - 1, timeout=slack(10))

@@ -91,10 +91,42 @@ def test_stop_ends_a_hold_and_counts_its_time() -> None:
     assert pacer.stats(9.0).held_seconds == pytest.approx(2.0)
 
 
+def test_without_freeze_every_release_runs_the_collection() -> None:
+    pacer = CollectionPacer(CONFIG)
+    pacer.tick(0.0, 0, 0)
+    assert not pacer.settle(5.0)
+    assert not pacer.settle(5000.0)
+    stats = pacer.stats(5000.0)
+    assert (stats.freezes, stats.thaws) == (0, 0)
+
+
+def test_with_freeze_releases_freeze_until_the_thaw_is_due() -> None:
+    pacer = CollectionPacer(GcPacing(freeze=True, thaw_after=100.0))
+    pacer.tick(10.0, 0, 0)  # the first look stands in for the last thaw
+    assert pacer.settle(20.0)  # freeze
+    assert pacer.settle(109.0)  # 99 s after the start: still freeze
+    assert not pacer.settle(110.0)  # 100 s: thaw and collect
+    assert pacer.settle(150.0)  # the clock starts again at the thaw
+    assert not pacer.settle(210.0)
+    stats = pacer.stats(210.0)
+    assert (stats.freezes, stats.thaws) == (3, 2)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("interval", 0), ("busy_rate", -1.0), ("max_hold", float("inf")), ("max_hold", "30")],
+    [
+        ("interval", 0),
+        ("busy_rate", -1.0),
+        ("max_hold", float("inf")),
+        ("max_hold", "30"),
+        ("thaw_after", 0),
+    ],
 )
 def test_a_bad_setting_fails_when_built_and_names_the_field(field: str, value: object) -> None:
     with pytest.raises(ConfigError, match=field):
         GcPacing(**{field: value})  # type: ignore[arg-type]
+
+
+def test_freeze_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="freeze"):
+        GcPacing(freeze="yes")  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """The server's one timer (keepconn._core.upkeep): how often it wakes, and what each job gets.
 
-Driven as the adapter drives it (reap, pace when due, next_wake, wake up a little late), on an
+Driven as the adapter drives it (reap, let the pacer look, next_wake, wake up a little late), on an
 explicit clock: no event loop, no sleeping.
 """
 
@@ -26,10 +26,7 @@ def drive(upkeep: Upkeep, seconds: float, *, start: float = 100.0) -> dict[str, 
     while now < start + seconds:
         for session in upkeep.registry.reap(now):
             found["reaped"].append(now - session.deadline)
-        if upkeep.pace_due(now):
-            assert upkeep.pacer is not None
-            upkeep.pacer.tick(now, 0, 0)
-            upkeep.paced(now)
+        if upkeep.pace(now, 0, 0) is not None:
             found["paced"].append(now)
         wake = upkeep.next_wake(now)
         assert wake > now  # nothing here is ever behind
@@ -115,7 +112,7 @@ def test_an_empty_server_wakes_once_per_resolution_and_never_spins() -> None:
     upkeep = Upkeep(registry)
     upkeep.start(0.0)
     assert upkeep.next_wake(0.0) == pytest.approx(0.25)
-    assert not upkeep.pace_due(0.0)  # no pacer
+    assert upkeep.pace(0.0, 0, 0) is None  # no pacer
     # A deadline a hair away is met by a short sleep, not by a wake-up that is already due.
     registry.open("x", now=0.0, timeout=0.2499999)
     assert upkeep.next_wake(0.2499995) >= 0.2499995 + MIN_SLEEP

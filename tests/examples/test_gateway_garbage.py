@@ -1,5 +1,7 @@
 """A finished MQTT session is freed by reference counting: the gateway leaves no cycles (its
-Device and connection refer to each other) for a full collection to find."""
+Device and connection refer to each other) for a full collection to find, however the session
+ends. The gateway's GC pacing freezes what survives a storm (GcPacing.freeze) on this promise:
+a garbage cycle among frozen objects would be kept until the thaw."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import pytest
 from device_gateway import mqtt_codec as mq
 from device_gateway import sessions
 from device_gateway.sink import Recorder
-from keepconn import ServerConfig
+from keepconn import CloseReason, ServerConfig
 from tests.lineapp import cyclic_garbage, wait_for
 from tests.timing import slack
 
@@ -28,6 +30,16 @@ async def test_a_session_the_device_closed_leaves_no_cyclic_garbage() -> None:
 
 async def test_a_session_taken_over_leaves_no_cyclic_garbage() -> None:
     garbage = await cyclic_garbage_of(200, "taken_over")
+    assert sum(garbage.values()) < 200, garbage.most_common(8)
+
+
+async def test_a_session_reaped_for_silence_leaves_no_cyclic_garbage() -> None:
+    garbage = await cyclic_garbage_of(200, "reaped")
+    assert sum(garbage.values()) < 200, garbage.most_common(8)
+
+
+async def test_a_session_closed_for_a_malformed_packet_leaves_no_cyclic_garbage() -> None:
+    garbage = await cyclic_garbage_of(200, "malformed")
     assert sum(garbage.values()) < 200, garbage.most_common(8)
 
 
@@ -52,14 +64,25 @@ async def cyclic_garbage_of(count: int, ending: str) -> Counter[str]:
                         # client side makes no garbage of its own.
                         sock = socket.create_connection(("127.0.0.1", port))
                         client_id = "same" if ending == "taken_over" else f"d{i}"
-                        sock.sendall(
-                            mq.encode(mq.Connect(client_id, username="alice", password=b"s3cret"))
+                        # Keepalive 1 s: silent, the session is reaped after 1.5 s.
+                        keepalive = 1 if ending == "reaped" else 60
+                        hello = mq.Connect(
+                            client_id, keepalive=keepalive, username="alice", password=b"s3cret"
                         )
+                        sock.sendall(mq.encode(hello))
+                        if ending == "malformed":
+                            # A PUBLISH whose remaining length takes five bytes.
+                            sock.sendall(b"\x30\xff\xff\xff\xff\x01")
                         devices.append(sock)
+                    stats = server.stats
                     if ending == "taken_over":
-                        await wait_for(
-                            lambda: server.stats().takeovers == count - 1, timeout=slack(10)
-                        )
+                        await wait_for(lambda: stats().takeovers == count - 1, timeout=slack(10))
+                    elif ending == "reaped":
+                        idle = CloseReason.IDLE_TIMEOUT
+                        await wait_for(lambda: stats().closed[idle] == count, timeout=slack(10))
+                    elif ending == "malformed":
+                        bad = CloseReason.PROTOCOL_ERROR
+                        await wait_for(lambda: stats().closed[bad] == count, timeout=slack(10))
                     else:
                         await wait_for(lambda: len(server.registry) == count, timeout=slack(10))
                 finally:

@@ -1,7 +1,11 @@
-"""The gateway paces full garbage collections by default (its storm's loop lag depends on it),
-and ``--no-gc-pacing`` leaves CPython's collector alone."""
+"""The gateway paces full garbage collections by default (its storm's loop lag depends on it):
+on plain TCP on asyncio and uvloop a storm's survivors are frozen (a closed session is freed
+by reference counting there: tests/examples/test_gateway_garbage.py), elsewhere the release
+collects; ``--gc-collect`` always collects, ``--no-gc-pacing`` leaves CPython's collector alone."""
 
 from __future__ import annotations
+
+import pytest
 
 from device_gateway import gateway as gateway_app
 from keepconn import GcPacing
@@ -12,8 +16,21 @@ def config_for(*argv: str) -> GcPacing | None:
     return gateway_app.server_config(args).gc_pacing
 
 
-def test_the_gateway_paces_full_collections_by_default() -> None:
-    assert config_for() == GcPacing()
+@pytest.mark.parametrize("backend", ["asyncio", "uvloop"])
+def test_the_gateway_paces_and_freezes_by_default_on_plain_tcp(backend: str) -> None:
+    assert config_for("--backend", backend) == GcPacing(freeze=True)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--backend", "trio"],
+        ["--tls-cert", "c.pem", "--tls-key", "k.pem"],
+        ["--gc-collect"],
+    ],
+)
+def test_elsewhere_or_when_asked_the_release_collects(argv: list[str]) -> None:
+    assert config_for(*argv) == GcPacing(freeze=False)
 
 
 def test_no_gc_pacing_leaves_the_collector_alone() -> None:

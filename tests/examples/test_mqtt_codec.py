@@ -222,11 +222,16 @@ def test_next_packet_keeps_packets_before_a_malformed_one() -> None:
 def test_decoder_stays_failed_and_lets_go_of_its_buffer() -> None:
     decoder = server()
     error = reject(decoder, b"\x00\x00", "packet type 0 is reserved")
-    assert decoder.error is error
+    kept = decoder.error
+    assert kept is not None and kept.reason == error.reason
+    # Kept without a traceback: one would hold the decoder's own frames, a reference cycle.
+    assert kept.__traceback__ is None
     assert decoder.buffered == 0
     with pytest.raises(mq.MQTTProtocolError) as again:
         decoder.feed(mq.encode(mq.Pingreq()))
-    assert again.value is error
+    # The same error, raised as a fresh copy (raising the kept one would give it a traceback).
+    assert again.value.reason == error.reason and again.value is not kept
+    assert kept.__traceback__ is None
     with pytest.raises(mq.MQTTProtocolError):
         decoder.next_packet()
 

@@ -494,3 +494,6 @@ class Lifecycle(Generic[F]):
         # device keeps it for deliveries): kept, the pair would be a reference cycle, freed
         # only by a full collection, which after a storm of closes is what stalls the loop.
         conn.context = None
+        # So would the framer's error it keeps to raise again: raised into the handler, it
+        # holds the frames that refer to the connection.
+        conn._error = None

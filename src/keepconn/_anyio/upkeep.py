@@ -3,7 +3,7 @@
 When each job runs is :class:`keepconn._core.upkeep.Upkeep`'s decision (and why one timer, its
 module's text); this task sleeps, reads the clock, reaps in batches with a checkpoint between
 them (a mass expiry never stalls the event loop), and applies the pacer's hold to CPython's
-collector.
+collector (and, with ``GcPacing.freeze``, freezes what survived a storm).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import NoReturn
 import anyio
 import anyio.lowlevel
 
+from .._core.gcpacing import CollectionPacer
 from .._core.registry import Session
 from .._core.upkeep import Upkeep
 
@@ -26,18 +27,23 @@ _HELD = 1 << 30
 
 
 class _FullCollections:
-    """CPython's generation-2 threshold, raised while the pacer holds full collections."""
+    """CPython's generation-2 threshold, raised while the pacer holds full collections, and
+    the permanent generation, where a release with ``GcPacing.freeze`` puts the survivors."""
 
-    def __init__(self) -> None:
+    def __init__(self, pacer: CollectionPacer | None) -> None:
+        self._pacer = pacer
         self._normal = gc.get_threshold()[2]
         self.held = False
+        # Whether this server froze objects that are still frozen: only then is unfreezing
+        # ours to do (an application's own gc.freeze() is left alone without GcPacing.freeze).
+        self._froze = False
 
     @staticmethod
     def count() -> int:
         """Full collections run so far."""
         return int(gc.get_stats()[2]["collections"])
 
-    def hold(self, hold: bool) -> None:
+    def hold(self, hold: bool, now: float) -> None:
         if hold == self.held:
             return
         self.held = hold
@@ -54,12 +60,28 @@ class _FullCollections:
             # (seen in the churn benchmark: 1.2 s, right as a burst of reboots began, 18 s
             # after the release). Now is the quiet the pacer waited for. (Never where the
             # application has turned full collections off.)
-            gc.collect()
+            assert self._pacer is not None
+            if self._pacer.settle(now):
+                # Frozen, the survivors are walked by no collection: the next full one,
+                # which CPython still owes and runs soon, walks only what came after.
+                gc.freeze()
+                self._froze = True
+            else:
+                self._thaw()
+                gc.collect()
 
     def restore(self) -> None:
         if self.held:
             gc.set_threshold(*gc.get_threshold()[:2], self._normal)
             self.held = False
+        # What this server froze goes back to the oldest generation, for CPython's own next
+        # full collection: frozen objects outliving the server would never be looked at.
+        self._thaw()
+
+    def _thaw(self) -> None:
+        if self._froze:
+            gc.unfreeze()
+            self._froze = False
 
 
 async def upkeep_forever(
@@ -78,17 +100,16 @@ async def upkeep_forever(
     generation-2 threshold is back.
     """
     registry = upkeep.registry
-    collections = _FullCollections()
+    collections = _FullCollections(upkeep.pacer)
     now = anyio.current_time()
     upkeep.start(now)
     try:
         while True:
             for session in registry.reap(now, limit=batch, spare=spare):
                 expired(session, now)
-            if upkeep.pace_due(now):
-                assert upkeep.pacer is not None
-                collections.hold(upkeep.pacer.tick(now, accepted(), collections.count()))
-                upkeep.paced(now)
+            hold = upkeep.pace(now, accepted(), collections.count())
+            if hold is not None:
+                collections.hold(hold, now)
             wake = upkeep.next_wake(now)
             if wake <= now:
                 # A mass expiry: let other tasks run between batches.

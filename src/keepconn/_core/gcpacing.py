@@ -19,6 +19,20 @@ release in one brings the whole pending collection into the storm.) A hold lasts
 :attr:`GcPacing.max_hold` seconds; after a forced release no new hold starts until a full
 collection has run, so memory held by garbage cycles stays bounded however long a storm lasts.
 
+With :attr:`GcPacing.freeze` a hold ends without that collection: the storm's survivors are
+moved to the collector's permanent generation (``gc.freeze()``), which no collection walks.
+Why. The collection a release runs walks every connection the server holds (337 ms at 15,000
+in the storm benchmark), and a storm paced by admission has a tail: devices that backed off
+come back for many seconds after the rate fell below ``busy_rate``, and they meet it. Most of
+what it would walk is long-lived connections that reference counting frees when they close;
+walking them again finds nothing. The price: a garbage cycle among frozen objects stays until
+they are thawed. That is bounded: the first release more than :attr:`GcPacing.thaw_after`
+seconds after the last thaw (or the pacer's start) thaws everything (``gc.unfreeze()``) and
+runs the full collection after all, and the adapter thaws what is frozen when the server
+stops. Use it where connections die by reference counting (keepconn's native asyncio
+transport and the example gateway on it do, tested); the pacer owns the permanent generation
+then, so an application that calls ``gc.freeze()`` itself should leave it off.
+
 Sans-I/O: the adapter ticks the pacer with the time, the server's accept count and the
 collector's count of full collections, and applies what :meth:`CollectionPacer.tick` says.
 """
@@ -51,6 +65,11 @@ class GcPacing:
     calm: float = attrs.field(default=2.0, validator=number(min_inclusive=True))
     #: Longest hold in seconds. Then full collections are released until one has run.
     max_hold: float = attrs.field(default=30.0, validator=number())
+    #: End a hold by freezing what survived it instead of collecting (see the module's text).
+    freeze: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    #: With ``freeze``: the longest time, in seconds, before a release thaws the frozen
+    #: objects and runs the full collection (what bounds the garbage cycles kept).
+    thaw_after: float = attrs.field(default=600.0, validator=number())
 
 
 @attrs.frozen
@@ -65,6 +84,10 @@ class GcPacingStats:
     forced: int
     #: Seconds held in all, the current hold included.
     held_seconds: float
+    #: Releases that froze the survivors instead of collecting (``GcPacing.freeze``).
+    freezes: int = 0
+    #: Releases that thawed the frozen objects and ran the full collection.
+    thaws: int = 0
 
 
 @attrs.define(slots=True)
@@ -87,6 +110,12 @@ class CollectionPacer:
     forced: int = attrs.field(default=0, init=False)
     #: Seconds held in all, counted when each hold ends.
     held_seconds: float = attrs.field(default=0.0, init=False)
+    #: Releases that froze, and that thawed (see :meth:`settle`).
+    freezes: int = attrs.field(default=0, init=False)
+    thaws: int = attrs.field(default=0, init=False)
+    # With freeze: when the frozen objects were last thawed and collected (None: before the
+    # first look, whose time stands in for it).
+    _thawed: float | None = attrs.field(default=None, init=False, repr=False)
 
     @property
     def holding(self) -> bool:
@@ -99,6 +128,8 @@ class CollectionPacer:
         full collections are to be held from now on."""
         at, self._at = self._at, now
         before, self._accepted = self._accepted, accepted
+        if self._thawed is None:
+            self._thawed = now
         if at is None or now <= at:
             return self.holding  # the first look, or no time passed: no rate to judge
         busy = (accepted - before) / (now - at) > self.config.busy_rate
@@ -120,10 +151,31 @@ class CollectionPacer:
             self.holds += 1
         return self.holding
 
+    def settle(self, now: float) -> bool:
+        """How the hold that ended at ``now`` settles the full collection it put off (the
+        adapter asks only when one was put off): True, freeze the survivors; False, run it,
+        after thawing what earlier releases froze when ``freeze`` is on."""
+        config = self.config
+        if not config.freeze:
+            return False
+        if self._thawed is not None and now - self._thawed < config.thaw_after:
+            self.freezes += 1
+            return True
+        self._thawed = now
+        self.thaws += 1
+        return False
+
     def stats(self, now: float) -> GcPacingStats:
         """A snapshot of the counters at ``now``."""
         current = now - self._since if self.holding else 0.0
-        return GcPacingStats(self.holding, self.holds, self.forced, self.held_seconds + current)
+        return GcPacingStats(
+            self.holding,
+            self.holds,
+            self.forced,
+            self.held_seconds + current,
+            self.freezes,
+            self.thaws,
+        )
 
     def stop(self, now: float) -> None:
         """The adapter stops (the server is going away): any hold ends."""

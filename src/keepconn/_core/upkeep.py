@@ -62,19 +62,18 @@ class Upkeep:
         if self.gauge is not None:
             self.gauge.tick(now)
 
-    def pace_due(self, now: float) -> bool:
-        """Whether the pacer looks at the accept rate at this wake-up (then call its
-        :meth:`~CollectionPacer.tick` and :meth:`paced`)."""
+    def pace(self, now: float, accepted: int, full_collections: int) -> bool | None:
+        """The pacer's look at this wake-up, if its turn has come: whether full collections
+        are to be held from now on (see :meth:`CollectionPacer.tick` for the two counts).
+        None when there is no pacer or its turn has not come: leave the collector as it is."""
         pacer = self.pacer
         # An eighth of an interval early counts as on time: the look then shares the wake-up
         # the reaper asked for (its own comes due as late as that wake-up came) instead of
         # waking the process again a moment later.
-        return pacer is not None and now >= self._pace_at - pacer.config.interval / 8
-
-    def paced(self, now: float) -> None:
-        """The pacer looked at ``now``."""
-        assert self.pacer is not None
-        self._pace_at = now + self.pacer.config.interval
+        if pacer is None or now < self._pace_at - pacer.config.interval / 8:
+            return None
+        self._pace_at = now + pacer.config.interval
+        return pacer.tick(now, accepted, full_collections)
 
     def next_wake(self, now: float) -> float:
         """When to wake next, after the work of the wake-up at ``now``. At or before ``now``:
