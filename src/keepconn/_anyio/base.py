@@ -407,6 +407,15 @@ class StreamConnection(Generic[F, R]):
     def _showed_life(self) -> None:
         """At least one complete frame arrived."""
 
+    def _drop_references(self) -> None:
+        # Once the connection is finished. The application's record of it often refers back
+        # to it (the gateway's device keeps it for deliveries), and so does the framer's error
+        # it keeps to raise again (raised into the handler, it holds the frames that refer to
+        # the connection): kept, either would be a reference cycle, freed only by a full
+        # collection, which after a storm of closes is what stalls the loop.
+        self.context = None
+        self._error = None
+
     def _may_notify_close(self) -> bool:
         """Whether a FIN close under TLS may still send close_notify first (not when a FIN is
         out already)."""

@@ -490,10 +490,4 @@ class Lifecycle(Generic[F]):
                 f" ({conn.detail})" if conn.detail else "",
             )
         self._emit(ConnectionClosed(identity, conn.peer, reason, duration, conn.detail))
-        # The application's record of the connection often refers back to it (the gateway's
-        # device keeps it for deliveries): kept, the pair would be a reference cycle, freed
-        # only by a full collection, which after a storm of closes is what stalls the loop.
-        conn.context = None
-        # So would the framer's error it keeps to raise again: raised into the handler, it
-        # holds the frames that refer to the connection.
-        conn._error = None
+        conn._drop_references()
