@@ -141,12 +141,13 @@ def server_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def gc_pacing(args: argparse.Namespace) -> GcPacing:
-    """Full collections of 15,000 connections' objects stall the loop for 0.3-0.4 s each,
-    and a storm sets off one every second or two: they wait until the storm is over. And then
-    the survivors are frozen rather than walked, as a storm's tail of late devices would meet
-    that collection too; but only where a closed session is freed by reference counting
-    (plain TCP on asyncio and uvloop, tested): elsewhere frozen garbage cycles would be kept
-    until the thaw."""
+    """Full collections of 15,000 connections' objects stall the loop for 0.2-0.4 s each,
+    and a storm sets off one every second or two: they wait until the storm is over. And
+    rather than walked, what survives is frozen at every look, as a storm's tail of late
+    devices would meet that collection too, and between storms the messages devices send
+    bring one on within a minute; but only where a closed session is freed by reference
+    counting (plain TCP on asyncio and uvloop, tested): elsewhere frozen garbage cycles would
+    be kept until the thaw. The young collections at every look are on either way."""
     native = not args.tls_cert and args.backend in ("asyncio", "uvloop")
     return GcPacing(freeze=native and not args.gc_collect)
 

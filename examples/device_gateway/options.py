@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--gc-collect",
         action="store_true",
-        help="end a storm's hold with a full garbage collection instead of freezing its survivors",
+        help="let CPython run full garbage collections between storms and end a storm's hold "
+        "with one, instead of freezing what survives",
     )
     p.add_argument("--flap-max-hellos", type=pos_i, default=15, help="CONNECTs per window")
     p.add_argument("--flap-window", type=pos_f, default=60.0, help="flapping window, s")

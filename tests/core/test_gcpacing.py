@@ -3,6 +3,7 @@ and that a storm that lasts cannot hold them for ever."""
 
 from __future__ import annotations
 
+import attrs
 import pytest
 
 from keepconn import CollectionPacer, ConfigError, GcPacing
@@ -112,6 +113,18 @@ def test_with_freeze_releases_freeze_until_the_thaw_is_due() -> None:
     assert (stats.freezes, stats.thaws) == (3, 2)
 
 
+def test_with_freeze_no_thaw_comes_in_a_storm() -> None:
+    pacer = CollectionPacer(attrs.evolve(CONFIG, freeze=True, thaw_after=1.0))
+    pacer.tick(0.0, 0, 0)
+    assert pacer.tick(1.0, 200, 0)  # 200 accepts a second: a storm
+    assert pacer.settle(1.5)  # the thaw is due, but not in the storm: freeze
+    pacer.tick(2.0, 200, 0)
+    assert not pacer.tick(3.0, 200, 0)  # calm for 1 s: released
+    assert not pacer.settle(3.0)  # now the thaw
+    stats = pacer.stats(3.0)
+    assert (stats.freezes, stats.thaws) == (1, 1)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -127,6 +140,11 @@ def test_a_bad_setting_fails_when_built_and_names_the_field(field: str, value: o
         GcPacing(**{field: value})  # type: ignore[arg-type]
 
 
-def test_freeze_must_be_a_bool() -> None:
-    with pytest.raises(TypeError, match="freeze"):
-        GcPacing(freeze="yes")  # type: ignore[arg-type]
+@pytest.mark.parametrize("field", ["freeze", "young"])
+def test_the_switches_must_be_bools(field: str) -> None:
+    with pytest.raises(TypeError, match=field):
+        GcPacing(**{field: "yes"})  # type: ignore[arg-type]
+
+
+def test_young_collections_are_on_by_default() -> None:
+    assert GcPacing().young and not GcPacing().freeze

@@ -3,7 +3,8 @@
 When each job runs is :class:`keepconn._core.upkeep.Upkeep`'s decision (and why one timer, its
 module's text); this task sleeps, reads the clock, reaps in batches with a checkpoint between
 them (a mass expiry never stalls the event loop), and applies the pacer's hold to CPython's
-collector (and, with ``GcPacing.freeze``, freezes what survived a storm).
+collector: with ``GcPacing.young`` it collects the young generations at each of the pacer's
+looks, with ``GcPacing.freeze`` it freezes what survives them.
 """
 
 from __future__ import annotations
@@ -26,14 +27,16 @@ __all__ = ["upkeep_forever"]
 _HELD = 1 << 30
 
 
-class _FullCollections:
-    """CPython's generation-2 threshold, raised while the pacer holds full collections, and
-    the permanent generation, where a release with ``GcPacing.freeze`` puts the survivors."""
+class _Collector:
+    """What the pacer changes of CPython's collector: the generation-2 threshold, raised while
+    full collections are held; the young collections of ``GcPacing.young``; and, with
+    ``GcPacing.freeze``, the permanent generation, where the survivors go."""
 
-    def __init__(self, pacer: CollectionPacer | None) -> None:
+    def __init__(self, pacer: CollectionPacer) -> None:
         self._pacer = pacer
         self._normal = gc.get_threshold()[2]
         self.held = False
+        self._storm = False
         # Whether this server froze objects that are still frozen: only then is unfreezing
         # ours to do (an application's own gc.freeze() is left alone without GcPacing.freeze).
         self._froze = False
@@ -43,7 +46,38 @@ class _FullCollections:
         """Full collections run so far."""
         return int(gc.get_stats()[2]["collections"])
 
-    def hold(self, hold: bool, now: float) -> None:
+    def look(self, storm: bool, now: float) -> None:
+        """Apply the pacer's look at ``now``; ``storm``: whether it holds full collections."""
+        config = self._pacer.config
+        released, self._storm = self._storm and not storm, storm
+        # With freeze CPython never starts a full collection: what survives is frozen at
+        # every look instead, and the pacer says when to thaw and collect.
+        self._hold(storm or config.freeze)
+        if not gc.isenabled():
+            return  # the application has turned the collector off: nothing of ours runs
+        if config.young:
+            # CPython's own rule for which young generation, except with freeze: there each
+            # look takes the young generations whole, for what survives to be frozen.
+            over = gc.get_count()[1] > gc.get_threshold()[1]
+            gc.collect(1 if config.freeze or over else 0)
+        if config.freeze:
+            if not self._pacer.settle(now):
+                self._thaw()
+                gc.collect()
+            else:
+                # Frozen, the survivors are walked by no collection: a server's connections
+                # live long and are freed by reference counting when they close.
+                gc.freeze()
+                self._froze = True
+        elif released and self._normal and gc.get_count()[2] > self._normal:
+            # The hold put off a full collection. Left to CPython it would run at the next
+            # allocation past the young threshold: the next burst of work, the worst moment
+            # (seen in the churn benchmark: 1.2 s, right as a burst of reboots began, 18 s
+            # after the release). Now is the quiet the pacer waited for. (Never where the
+            # application has turned full collections off.)
+            gc.collect()
+
+    def _hold(self, hold: bool) -> None:
         if hold == self.held:
             return
         self.held = hold
@@ -52,28 +86,13 @@ class _FullCollections:
         young_0, young_1, old = gc.get_threshold()
         if hold:
             self._normal = old
-        normal = self._normal
-        gc.set_threshold(young_0, young_1, _HELD if hold else normal)
-        if not hold and gc.isenabled() and normal and gc.get_count()[2] > normal:
-            # The hold put off a full collection. Left to CPython it would run at the next
-            # allocation past the young threshold: the next burst of work, the worst moment
-            # (seen in the churn benchmark: 1.2 s, right as a burst of reboots began, 18 s
-            # after the release). Now is the quiet the pacer waited for. (Never where the
-            # application has turned full collections off.)
-            assert self._pacer is not None
-            if self._pacer.settle(now):
-                # Frozen, the survivors are walked by no collection: the next full one,
-                # which CPython still owes and runs soon, walks only what came after.
-                gc.freeze()
-                self._froze = True
-            else:
-                self._thaw()
-                gc.collect()
+        gc.set_threshold(young_0, young_1, _HELD if hold else self._normal)
 
-    def restore(self) -> None:
-        if self.held:
-            gc.set_threshold(*gc.get_threshold()[:2], self._normal)
-            self.held = False
+    def stop(self, now: float) -> None:
+        """The server is stopping: the pacer ends any hold, and the collector is CPython's
+        again."""
+        self._pacer.stop(now)
+        self._hold(False)
         # What this server froze goes back to the oldest generation, for CPython's own next
         # full collection: frozen objects outliving the server would never be looked at.
         self._thaw()
@@ -100,16 +119,16 @@ async def upkeep_forever(
     generation-2 threshold is back.
     """
     registry = upkeep.registry
-    collections = _FullCollections(upkeep.pacer)
+    collections = None if upkeep.pacer is None else _Collector(upkeep.pacer)
     now = anyio.current_time()
     upkeep.start(now)
     try:
         while True:
             for session in registry.reap(now, limit=batch, spare=spare):
                 expired(session, now)
-            hold = upkeep.pace(now, accepted(), collections.count())
-            if hold is not None:
-                collections.hold(hold, now)
+            hold = upkeep.pace(now, accepted(), _Collector.count())
+            if hold is not None and collections is not None:
+                collections.look(hold, now)
             wake = upkeep.next_wake(now)
             if wake <= now:
                 # A mass expiry: let other tasks run between batches.
@@ -119,6 +138,5 @@ async def upkeep_forever(
             now = anyio.current_time()
             upkeep.woke(now)
     finally:
-        if upkeep.pacer is not None:
-            upkeep.pacer.stop(anyio.current_time())
-        collections.restore()
+        if collections is not None:
+            collections.stop(anyio.current_time())
