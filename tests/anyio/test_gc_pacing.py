@@ -67,6 +67,26 @@ def connect_steadily(port: int, count: int, per_second: float, done: threading.E
             sock.close()
 
 
+@contextmanager
+def burst(port: int) -> Iterator[None]:
+    """400 connections at 200 a second while the block runs: a 2 s burst, ten times the busy
+    rate; closed when the block ends."""
+    stop = threading.Event()
+    clients = threading.Thread(target=connect_steadily, args=(port, 400, 200.0, stop))
+    clients.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        clients.join()
+
+
+def holding(server: Any) -> bool:
+    """Whether the server's pacer holds full collections now."""
+    stats = server.stats().gc_pacing
+    return stats is not None and bool(stats.holding)
+
+
 async def test_a_burst_holds_full_collections_and_its_end_releases_them() -> None:
     normal = gc.get_threshold()
     survivors = max(200_000, len(gc.get_objects()) // 2)
@@ -74,29 +94,17 @@ async def test_a_burst_holds_full_collections_and_its_end_releases_them() -> Non
         server,
         port,
     ):
-        stop = threading.Event()
-        # 400 connections at 200 a second: a 2 s burst, ten times the busy rate.
-        clients = threading.Thread(target=connect_steadily, args=(port, 400, 200.0, stop))
-        clients.start()
-
-        def holding() -> bool:
-            stats = server.stats().gc_pacing
-            return stats is not None and stats.holding
-
         with full_collections() as seen:
-            try:
-                await wait_for(holding, timeout=slack(5))
+            with burst(port):
+                await wait_for(lambda: holding(server), timeout=slack(5))
                 assert gc.get_threshold()[:2] == normal[:2]
                 assert gc.get_threshold()[2] > 1_000_000
                 before = len(seen)
                 kept = await grow_long_lived(survivors)
                 during = len(seen) - before
-                assert holding(), "the burst went on: the hold must still be on"
-            finally:
-                stop.set()
-                clients.join()
+                assert holding(server), "the burst went on: the hold must still be on"
             assert during == 0, "a full collection ran in the middle of the burst"
-            await wait_for(lambda: not holding(), timeout=slack(5))
+            await wait_for(lambda: not holding(server), timeout=slack(5))
             assert gc.get_threshold() == normal
             # Released, the collection the hold put off runs at once, with no more work to
             # set it off: not at the next burst of allocations.
@@ -107,23 +115,12 @@ async def test_a_burst_holds_full_collections_and_its_end_releases_them() -> Non
 
 
 async def burst_until_released(server: Any, port: int) -> list[list[int]]:
-    """400 connections at 200 a second while the collector's survivors grow: a hold, then
-    its release once the burst is over. Returns the survivors."""
-    stop = threading.Event()
-    clients = threading.Thread(target=connect_steadily, args=(port, 400, 200.0, stop))
-    clients.start()
-
-    def holding() -> bool:
-        stats = server.stats().gc_pacing
-        return stats is not None and stats.holding
-
-    try:
-        await wait_for(holding, timeout=slack(5))
+    """A burst while the collector's survivors grow: a hold, then its release once the burst
+    is over. Returns the survivors."""
+    with burst(port):
+        await wait_for(lambda: holding(server), timeout=slack(5))
         kept = await grow_long_lived(200_000)
-    finally:
-        stop.set()
-        clients.join()
-    await wait_for(lambda: not holding(), timeout=slack(5))
+    await wait_for(lambda: not holding(server), timeout=slack(5))
     return kept
 
 
