@@ -35,7 +35,7 @@ class _Collector:
     def __init__(self, pacer: CollectionPacer) -> None:
         self._pacer = pacer
         self._normal = gc.get_threshold()[2]
-        self.held = False
+        self._held = False
         self._storm = False
         # Whether this server froze objects that are still frozen: only then is unfreezing
         # ours to do (an application's own gc.freeze() is left alone without GcPacing.freeze).
@@ -78,9 +78,9 @@ class _Collector:
             gc.collect()
 
     def _hold(self, hold: bool) -> None:
-        if hold == self.held:
+        if hold == self._held:
             return
-        self.held = hold
+        self._held = hold
         # Only the generation-2 threshold is ours, and only while held: whatever the
         # application set before a hold is what the release restores.
         young_0, young_1, old = gc.get_threshold()
@@ -126,9 +126,10 @@ async def upkeep_forever(
         while True:
             for session in registry.reap(now, limit=batch, spare=spare):
                 expired(session, now)
-            hold = upkeep.pace(now, accepted(), _Collector.count())
-            if hold is not None and collections is not None:
-                collections.look(hold, now)
+            if collections is not None:
+                hold = upkeep.pace(now, accepted(), _Collector.count())
+                if hold is not None:
+                    collections.look(hold, now)
             wake = upkeep.next_wake(now)
             if wake <= now:
                 # A mass expiry: let other tasks run between batches.
