@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
@@ -13,7 +14,14 @@ import anyio
 import pytest
 import sniffio
 
-from keepconn import AdmissionConfig, CloseReason, Connection, ServerConfig, ServerEvent
+from keepconn import (
+    AdmissionConfig,
+    CloseReason,
+    Connection,
+    ConnectionClosed,
+    ServerConfig,
+    ServerEvent,
+)
 from keepconn._asyncio.connection import NativeConnection
 from keepconn._asyncio.gate import HELLOS_PER_TURN
 from keepconn._asyncio.listener import ACCEPT_BATCH
@@ -195,6 +203,54 @@ async def test_hellos_that_arrive_together_are_served_a_batch_per_loop_turn() ->
     steps = [b - a for a, b in zip(samples, samples[1:], strict=False)]
     assert max(steps) <= HELLOS_PER_TURN, max(steps)
     assert samples[-1] - samples[0] >= count - HELLOS_PER_TURN
+
+
+@pytest.mark.parametrize("anyio_backend", [pytest.param(("asyncio", {}), id="asyncio")])
+async def test_a_hello_sent_with_the_handshake_opens_its_session_the_turn_after_the_accept() -> (
+    None
+):
+    # The churn benchmark's takeovers waited five loop turns between the accept and the
+    # welcome (the accept task's wake-up, the connection's task, connection_made, the first
+    # poll of the socket, the hello's task step), and in a reconnect burst every turn is as
+    # long as everything else the loop serves in it. On asyncio's selector loop the accept is
+    # a reader callback, which makes the transport and reads what the peer has sent: the
+    # session opens in the next turn. Two tasks that run once per turn sample the counts.
+    async with serving(ServerConfig(**BASE)) as (server, port):
+        client = socket.create_connection(("127.0.0.1", port))
+        try:
+            async with (
+                sampled_each_turn(lambda: server.stats().accepted) as accepted,
+                sampled_each_turn(lambda: len(server.registry)) as opened,
+            ):
+                # While the loop is held, so both are there when it next polls.
+                client.sendall(b"HELLO dev secret\n")
+                await wait_for(lambda: len(server.registry) == 1, timeout=slack(5))
+        finally:
+            client.close()
+    turns = opened.index(1) - accepted.index(1)
+    # (Through an accept task and connect_accepted_socket: 4.)
+    assert turns <= 1, (accepted, opened)
+
+
+@NATIVE_BACKENDS
+@pytest.mark.parametrize("ending", ["fin after the hello", "reset"])
+async def test_a_peer_gone_before_it_is_served_is_closed_as_gone(ending: str) -> None:
+    # On asyncio the accept turn reads what the socket holds (the hello and the FIN's EOF, or
+    # the reset's error, which that read then takes): the connection must still end as one
+    # whose client gave up in the listen queue, as it does on uvloop, which reads later.
+    events: list[ServerEvent] = []
+    async with serving(ServerConfig(**BASE), events=events) as (server, port):
+        client = socket.create_connection(("127.0.0.1", port))
+        if ending == "reset":
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        else:
+            client.sendall(b"HELLO gone secret\n")
+        client.close()  # while the loop is held: accepted after it
+        await wait_for(lambda: server.stats().accepted == 1 and not server.connections)
+    [closed] = [e for e in events if isinstance(e, ConnectionClosed)]
+    assert closed.reason is CloseReason.PEER_CLOSED
+    assert closed.detail == "gone before it was accepted"
+    assert not server.registry
 
 
 @NATIVE_BACKENDS

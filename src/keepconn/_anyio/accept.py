@@ -22,7 +22,7 @@ import sniffio
 
 from .failures import errno_of
 
-__all__ = ["accept_forever", "connection_tasks"]
+__all__ = ["accept_forever", "connection_tasks", "pause_after"]
 
 logger = logging.getLogger("keepconn.server")
 
@@ -59,6 +59,22 @@ async def connection_tasks(tasks: anyio.abc.TaskGroup) -> AsyncIterator[StartSoo
         yield nursery.start_soon
 
 
+def pause_after(exc: BaseException, failed: Callable[[], None]) -> float | None:
+    """What an accept() that raised ``exc`` calls for: None to go on at once (the peer gave
+    up first), else the seconds to pause before the next one (counted with ``failed()`` and
+    logged)."""
+    code = errno_of(exc)
+    if code in GONE_ERRNOS:
+        return None
+    failed()
+    if code in RESOURCE_ERRNOS:
+        name = errno.errorcode.get(code or 0, code)
+        logger.warning("accept failed (%s); pausing %.0f ms", name, PAUSE * 1000)
+    else:
+        logger.error("accept failed unexpectedly: %r; pausing", exc)
+    return PAUSE
+
+
 async def accept_forever(
     accept: Callable[[], Awaitable[T]],
     spawn: Callable[[T], None],
@@ -66,8 +82,8 @@ async def accept_forever(
     stopping: anyio.Event,
     failed: Callable[[], None],
 ) -> None:
-    """Accept connections with ``accept()`` (a listener's: an anyio stream, or the native
-    transport's bare socket) and ``spawn`` each, until the listener closes.
+    """Accept connections with ``accept()`` (a listener's anyio stream) and ``spawn`` each,
+    until the listener closes.
 
     ``failed()`` counts each accept() that failed for a reason other than a vanished peer.
     """
@@ -77,18 +93,8 @@ async def accept_forever(
         except (anyio.ClosedResourceError, anyio.BrokenResourceError, OSError) as exc:
             if isinstance(exc, anyio.ClosedResourceError) or stopping.is_set():
                 return
-            code = errno_of(exc)
-            if code in GONE_ERRNOS:
-                continue
-            failed()
-            if code in RESOURCE_ERRNOS:
-                logger.warning(
-                    "accept failed (%s); pausing %.0f ms",
-                    errno.errorcode.get(code or 0, code),
-                    PAUSE * 1000,
-                )
-            else:
-                logger.error("accept failed unexpectedly: %r; pausing", exc)
-            await anyio.sleep(PAUSE)
+            pause = pause_after(exc, failed)
+            if pause is not None:
+                await anyio.sleep(pause)
             continue
         spawn(accepted)

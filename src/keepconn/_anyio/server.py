@@ -299,9 +299,7 @@ class Server(Generic[F]):
             self._lives.start(sock, self._accepted)
 
         try:
-            await accept_forever(
-                listener.accept_socket, start, stopping=self._stopping, failed=failed
-            )
+            await listener.serve_sockets(start, failed)
         except anyio.get_cancelled_exc_class():
             # Native connections run outside the task group: when the server is cancelled
             # rather than drained, they are ended here, and given a moment to close.

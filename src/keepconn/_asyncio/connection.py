@@ -27,10 +27,9 @@ from .._core.events import ServerEvent
 from .._core.framing import Framer
 from .._core.reasons import CloseReason
 from .._core.registry import Session
-from ..tcp._socket import abort_on_close
 from .gate import HelloGate
 from .stream import NativeStream
-from .transport import break_transport_cycle
+from .transport import break_transport_cycle, close_transport
 
 if TYPE_CHECKING:
     import socket
@@ -38,10 +37,6 @@ if TYPE_CHECKING:
 __all__ = ["NativeConnection"]
 
 F = TypeVar("F")
-
-#: Seconds a FIN close waits for the write buffer to reach the kernel before it aborts: a peer
-#: that reads nothing must not keep a closed connection's socket for ever.
-FLUSH_WAIT = 2.0
 
 
 class NativeConnection(Connection[F], asyncio.Protocol):
@@ -57,6 +52,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         "_adapter",
         "_cancelling",
         "_drained",
+        "_early",
         "_end_kind",
         "_gate",
         "_gated",
@@ -83,6 +79,7 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         gate: HelloGate | None = None,
         on_frame: Callable[[NativeConnection[F], F], bool] | None = None,
+        early: bytes | OSError | None = None,
     ) -> None:
         # Not Connection.__init__: that one wraps an anyio stream. The fields its inherited
         # methods read are set here; the anyio ones (stream, send lock, scope) do not exist.
@@ -129,6 +126,9 @@ class NativeConnection(Connection[F], asyncio.Protocol):
         # Whether the task has waited in a receive since its last send (see send).
         self._turned = False
         self._on_frame = on_frame  # Server(on_frame=...), see _offer
+        # What a read before the transport existed found (keepconn._asyncio.life): bytes
+        # to feed once it does, or the socket's error. None once connection_made took it.
+        self._early = early
 
     # -- asyncio.Protocol
 
@@ -143,6 +143,14 @@ class NativeConnection(Connection[F], asyncio.Protocol):
             self._inode = os.fstat(transport.get_extra_info("socket").fileno()).st_ino
         except (OSError, ValueError, AttributeError):
             self._inode = 0
+        early, self._early = self._early, None
+        if isinstance(early, OSError):
+            # The read took the socket's error (a reset): reported as the transport's own
+            # read would have (connection_lost keeps it).
+            self._lost = early
+            wire.abort()
+        elif early:
+            self.data_received(early)
 
     def data_received(self, data: bytes) -> None:
         self._bytes_in += len(data)
@@ -212,7 +220,8 @@ class NativeConnection(Connection[F], asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone = True
-        self._lost = exc
+        if exc is not None:  # (else what an early read found, if anything, stays)
+            self._lost = exc
         break_transport_cycle(self._wire)
         self._wake()
         self.resume_writing()  # a sender waiting for the buffer to drain sees the end
@@ -466,21 +475,10 @@ class NativeConnection(Connection[F], asyncio.Protocol):
 
     def _close_now(self) -> None:
         """Close the transport: a RST for the dead and displaced (see ``_resets``), else a
-        FIN after what is buffered, aborted if it is not out within :data:`FLUSH_WAIT`."""
+        FIN after what is buffered (see :func:`close_transport`)."""
         self._cancel_timer()
-        wire = self._wire
-        if wire is None or self._gone:
-            return
-        if self._resets():
-            try:
-                abort_on_close(self.raw_socket())
-            except (OSError, ValueError):
-                pass
-            wire.abort()
-            return
-        wire.close()
-        if wire.get_write_buffer_size():
-            self._loop.call_later(FLUSH_WAIT, wire.abort)
+        if self._wire is not None and not self._gone:
+            close_transport(self._wire, self._loop, reset=self._resets())
 
     def _aged_out(self) -> bool:
         return False

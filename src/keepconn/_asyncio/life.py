@@ -45,11 +45,9 @@ class NativeLifecycle(Lifecycle[F]):
 
     def start(self, sock: socket.socket, order: int) -> None:
         """Serve an accepted socket on a task of its own."""
-        asyncio.get_running_loop().create_task(self.run_socket(sock, order))
-
-    async def run_socket(self, sock: socket.socket, order: int) -> None:
-        """Serve one accepted socket until it closes (see :meth:`Lifecycle.run`)."""
         loop = asyncio.get_running_loop()
+        make = getattr(loop, "_make_socket_transport", None)
+        early = None if make is None else _read_early(sock)
         try:
             framer = self._framer()
         except Exception:
@@ -60,13 +58,42 @@ class NativeLifecycle(Lifecycle[F]):
         if gate is None:
             gate = self._hello_gate = HelloGate(loop)
         conn: NativeConnection[F] = NativeConnection(
-            framer, on_event=self._emit, order=order, loop=loop, gate=gate, on_frame=self._on_frame
+            framer,
+            on_event=self._emit,
+            order=order,
+            loop=loop,
+            gate=gate,
+            on_frame=self._on_frame,
+            early=early,
         )
+        if make is None:
+            # uvloop: its own transport, from the public call on the connection's task.
+            loop.create_task(self.run_socket(conn, sock))
+            return
+        # asyncio's selector loop: its transport made here, as connect_accepted_socket makes
+        # it (CPython 3.8 to 3.13), without the future that call then waits on. In the next
+        # turn the transport calls connection_made, which feeds what the early read found
+        # (a device sends its hello right after its handshake), and the task's first step
+        # comes right after it, with the hello there to read: CONNACK in the turn after the
+        # accept, three turns sooner than through the public call. In a storm every turn is
+        # as long as everything else the loop serves in it.
         try:
-            await loop.connect_accepted_socket(_factory(conn), sock)
+            make(sock, conn)
         except BaseException:
             sock.close()  # the peer may be gone already; nothing was opened
             raise
+        loop.create_task(self.run_socket(conn, None))
+
+    async def run_socket(self, conn: NativeConnection[F], sock: socket.socket | None) -> None:
+        """Serve one accepted connection until it closes (see :meth:`Lifecycle.run`); ``sock``
+        is its socket when its transport is still to be made."""
+        if sock is not None:
+            try:
+                loop = asyncio.get_running_loop()
+                await loop.connect_accepted_socket(_factory(conn), sock)
+            except BaseException:
+                sock.close()  # the peer may be gone already; nothing was opened
+                raise
         task = asyncio.current_task()
         assert task is not None
         conn._start(task)
@@ -178,6 +205,21 @@ class NativeLifecycle(Lifecycle[F]):
             await self._handler(conn)
         finally:
             pings.cancel()
+
+
+#: Bytes the read in the accept turn takes at most (what a hello needs, with room).
+EARLY_READ = 65536
+
+
+def _read_early(sock: socket.socket) -> bytes | OSError:
+    """What the peer has sent by the time it is accepted (b"" for nothing yet, or an EOF),
+    or the error its socket reports; the transport made next reads everything after."""
+    try:
+        return sock.recv(EARLY_READ)
+    except (BlockingIOError, InterruptedError):
+        return b""
+    except OSError as exc:
+        return exc
 
 
 def _factory(conn: NativeConnection[F]) -> Callable[[], NativeConnection[F]]:

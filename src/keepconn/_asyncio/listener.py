@@ -3,39 +3,50 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import ssl
+from collections.abc import Callable
 
 import anyio
 import anyio.abc
 import sniffio
 from anyio.abc import SocketAttribute
 
+from .._anyio.accept import pause_after
 from .._core.config import ServerConfig
 
 __all__ = ["NativeListener", "native_listener"]
 
-#: Connections taken from the listen queue back to back before the accept loop lets the event
-#: loop run. An accept that finds a connection waiting does not suspend, so in a reconnect
-#: storm the loop would otherwise take a whole backlog (thousands) in one go, and every live
-#: session would wait behind all of their hellos: seconds of loop lag. Sixteen hellos are a
-#: few milliseconds of work; accepting stays far faster than serving what it accepts.
+logger = logging.getLogger("keepconn.server")
+
+#: Connections taken from the listen queue in one turn of the event loop. An accept that finds a
+#: connection waiting does not wait, so in a reconnect storm the loop would otherwise take a
+#: whole backlog (thousands) in one go, and every live session would wait behind all of their
+#: hellos: seconds of loop lag. Sixteen hellos are a few milliseconds of work; accepting stays
+#: far faster than serving what it accepts.
 ACCEPT_BATCH = 16
 
 
 class NativeListener(anyio.abc.SocketListener):
-    """Wraps one of anyio's TCP listeners on asyncio: :meth:`accept_socket` hands over the
-    bare accepted socket, for the native transport to wrap. :meth:`accept` still returns an
-    anyio stream, so the object stays a listener for anyone else."""
+    """Wraps one of anyio's TCP listeners on asyncio: :meth:`serve_sockets` hands each accepted bare
+    socket to the native transport. :meth:`accept` still returns an anyio stream, so the
+    object stays a listener for anyone else."""
 
     def __init__(self, inner: anyio.abc.SocketListener, raw: socket.socket) -> None:
         self._inner = inner
         self._raw = raw
         self._loop = asyncio.get_running_loop()
-        self._accepting: anyio.CancelScope | None = None
         self._closed = False
-        # Connections taken since the accept loop last let the event loop run.
-        self._burst = 0
+        # While serve_sockets() runs: set by aclose(), which ends it.
+        self._closing: anyio.Event | None = None
+        # Whether the listening socket is in the loop's selector, and the timer that puts it
+        # back after an accept that failed for want of a resource.
+        self._reading = False
+        self._paused: asyncio.TimerHandle | None = None
+        # serve_sockets()'s arguments, for the reader callback.
+        self._start: Callable[[socket.socket], None] = _no_start
+        self._failed: Callable[[], None] = _no_failure
 
     @property
     def _raw_socket(self) -> socket.socket:
@@ -44,45 +55,81 @@ class NativeListener(anyio.abc.SocketListener):
     async def accept(self) -> anyio.abc.SocketStream:
         return await self._inner.accept()
 
-    async def accept_socket(self) -> socket.socket:
-        """The next accepted connection's socket (TCP_NODELAY set, as anyio does)."""
-        if self._burst >= ACCEPT_BATCH:
-            self._burst = 0
-            await asyncio.sleep(0)  # see ACCEPT_BATCH
-        if self._closed:
-            raise anyio.ClosedResourceError
-        try:
-            sock, _ = self._raw.accept()  # the listening socket is non-blocking
-        except (BlockingIOError, InterruptedError):
-            sock = await self._wait_and_accept()
-            self._burst = 0
-        else:
-            sock.setblocking(False)
-            self._burst += 1
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+    async def serve_sockets(
+        self, start: Callable[[socket.socket], None], failed: Callable[[], None]
+    ) -> None:
+        """Accept connections until the listener closes, and ``start`` each (TCP_NODELAY set,
+        as anyio does) in the loop turn whose poll found it.
 
-    async def _wait_and_accept(self) -> socket.socket:
-        # The queue is empty: wait for the next connection in the loop's selector.
-        with anyio.CancelScope() as scope:
-            self._accepting = scope
+        Why a reader callback rather than an accept task: an awaited accept is done in one
+        turn and seen by its task in the next, two changes to the selector for every wait,
+        and one turn more before every takeover's welcome; in a storm each turn is as long as
+        everything else the loop serves then. ``failed()`` counts each accept() that failed
+        for a reason other than a vanished peer (see :func:`keepconn._anyio.accept.pause_after`).
+        """
+        if self._closed:
+            return
+        closing = self._closing = anyio.Event()
+        self._start, self._failed = start, failed
+        self._resume()
+        try:
+            await closing.wait()
+        finally:
+            self._stop_reading()
+            self._closing = None
+
+    def _readable(self) -> None:
+        for _ in range(ACCEPT_BATCH):
             try:
-                sock, _ = await self._loop.sock_accept(self._raw)
-            finally:
-                self._accepting = None
-        if scope.cancelled_caught:
-            raise anyio.ClosedResourceError
-        return sock
+                sock, _ = self._raw.accept()  # the listening socket is non-blocking
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                pause = pause_after(exc, self._failed)
+                if pause is None:
+                    continue
+                self._stop_reading()
+                self._paused = self._loop.call_later(pause, self._resume)
+                return
+            try:
+                sock.setblocking(False)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self._start(sock)
+            except Exception:
+                # The peer may be gone already; one connection, not the listener, is lost.
+                logger.exception("could not start an accepted connection; closing it")
+                sock.close()
+
+    def _resume(self) -> None:
+        self._paused = None
+        if self._closing is not None and not self._closed and not self._reading:
+            self._loop.add_reader(self._raw.fileno(), self._readable)
+            self._reading = True
+
+    def _stop_reading(self) -> None:
+        if self._paused is not None:
+            self._paused.cancel()
+            self._paused = None
+        if self._reading:
+            self._reading = False
+            self._loop.remove_reader(self._raw.fileno())
 
     async def aclose(self) -> None:
         self._closed = True
-        scope = self._accepting
-        if scope is not None:
-            # A pending accept must leave the loop's selector before the socket closes: its
-            # descriptor number is reused by the next socket opened.
-            scope.cancel()
-            await anyio.lowlevel.checkpoint()
+        # Out of the loop's selector before the socket closes: its descriptor number is reused
+        # by the next socket opened.
+        self._stop_reading()
+        if self._closing is not None:
+            self._closing.set()
         await self._inner.aclose()
+
+
+def _no_start(sock: socket.socket) -> None:
+    sock.close()
+
+
+def _no_failure() -> None:
+    pass
 
 
 def native_listener(
