@@ -29,9 +29,9 @@ ACCEPT_BATCH = 16
 
 
 class NativeListener(anyio.abc.SocketListener):
-    """Wraps one of anyio's TCP listeners on asyncio: :meth:`serve_sockets` hands each accepted bare
-    socket to the native transport. :meth:`accept` still returns an anyio stream, so the
-    object stays a listener for anyone else."""
+    """Wraps one of anyio's TCP listeners on asyncio: :meth:`serve_sockets` hands each
+    accepted bare socket to the native transport. :meth:`accept` still returns an anyio
+    stream, so the object stays a listener for anyone else."""
 
     def __init__(self, inner: anyio.abc.SocketListener, raw: socket.socket) -> None:
         self._inner = inner
