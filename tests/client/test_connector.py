@@ -273,7 +273,10 @@ async def test_backoff_starts_over_only_after_a_healthy_session(
     async def drop(stream: anyio.abc.SocketStream) -> None:
         # Read the hello even when not answering it: closing with unread bytes in the
         # buffer makes the kernel send RST, and this test is about clean closes.
-        await stream.receive()
+        try:
+            await stream.receive()
+        except anyio.EndOfStream:
+            return  # the connector left first: the test's end cancels its next attempt
         if case != "drops_before_hello":
             await stream.send(b"OK\n")
         # Leaving closes the connection at once.
