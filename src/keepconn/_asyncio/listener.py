@@ -44,9 +44,6 @@ class NativeListener(anyio.abc.SocketListener):
         # back after an accept that failed for want of a resource.
         self._reading = False
         self._paused: asyncio.TimerHandle | None = None
-        # serve_sockets()'s arguments, for the reader callback.
-        self._start: Callable[[socket.socket], None] = _no_start
-        self._failed: Callable[[], None] = _no_failure
 
     @property
     def _raw_socket(self) -> socket.socket:
@@ -70,40 +67,39 @@ class NativeListener(anyio.abc.SocketListener):
         if self._closed:
             return
         closing = self._closing = anyio.Event()
-        self._start, self._failed = start, failed
-        self._resume()
+        self._resume(start, failed)
         try:
             await closing.wait()
         finally:
             self._stop_reading()
             self._closing = None
 
-    def _readable(self) -> None:
+    def _readable(self, start: Callable[[socket.socket], None], failed: Callable[[], None]) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 sock, _ = self._raw.accept()  # the listening socket is non-blocking
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                pause = pause_after(exc, self._failed)
+                pause = pause_after(exc, failed)
                 if pause is None:
                     continue
                 self._stop_reading()
-                self._paused = self._loop.call_later(pause, self._resume)
+                self._paused = self._loop.call_later(pause, self._resume, start, failed)
                 return
             try:
                 sock.setblocking(False)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                self._start(sock)
+                start(sock)
             except Exception:
                 # The peer may be gone already; one connection, not the listener, is lost.
                 logger.exception("could not start an accepted connection; closing it")
                 sock.close()
 
-    def _resume(self) -> None:
+    def _resume(self, start: Callable[[socket.socket], None], failed: Callable[[], None]) -> None:
         self._paused = None
         if self._closing is not None and not self._closed and not self._reading:
-            self._loop.add_reader(self._raw.fileno(), self._readable)
+            self._loop.add_reader(self._raw.fileno(), self._readable, start, failed)
             self._reading = True
 
     def _stop_reading(self) -> None:
@@ -122,14 +118,6 @@ class NativeListener(anyio.abc.SocketListener):
         if self._closing is not None:
             self._closing.set()
         await self._inner.aclose()
-
-
-def _no_start(sock: socket.socket) -> None:
-    sock.close()
-
-
-def _no_failure() -> None:
-    pass
 
 
 def native_listener(
